@@ -1,0 +1,679 @@
+//! The chart projection: current and past versions of every FHIR resource.
+//!
+//! Keys, all in the default column family (`\0` separates variable-length parts; FHIR ids and
+//! type names cannot contain it):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `!position` | next log position to apply, 8 bytes big-endian |
+//! | `v` type `\0` id `\0` version | [`VersionRecord`] |
+//! | `c` type `\0` id | current version number |
+//! | `h` chart id, position | type `\0` id `\0` version: the chart's history in log order |
+//! | `t` type `\0` position | id `\0` version: the type's history in log order |
+//! | `m` chart id, type `\0` id | empty: resources of a chart that are not deleted |
+//! | `p` patient id | chart id |
+
+use std::path::{Path, PathBuf};
+
+use chartlog_schemas::{ChartId, ChartKind, EventPayload, HlcTimestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::ProjectedEvent;
+
+const POSITION_KEY: &[u8] = b"!position";
+
+/// Error from the chart projection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// RocksDB failed.
+    #[error("chart projection storage at {path}")]
+    Storage {
+        /// Directory of the projection.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// An event arrived out of order: the projection expected another position.
+    #[error("expected log position {expected}, received {received}")]
+    Gap {
+        /// Next position the projection needs.
+        expected: u64,
+        /// Position it was given.
+        received: u64,
+    },
+    /// A stored record does not decode.
+    #[error("chart projection record under key prefix {prefix:?} is corrupt")]
+    Corrupt {
+        /// First byte of the key, naming the index.
+        prefix: char,
+    },
+}
+
+/// One stored version of a resource, or its deletion.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Chart the resource belongs to.
+    pub chart_id: ChartId,
+    /// FHIR resource type.
+    pub resource_type: String,
+    /// Logical id.
+    pub resource_id: String,
+    /// Version number, from 1.
+    pub version: u64,
+    /// Whether this version is a deletion.
+    pub deleted: bool,
+    /// Sequence number of the event in its chart.
+    pub seq: u64,
+    /// Log position of the event.
+    pub position: u64,
+    /// When the event was recorded.
+    pub recorded_at: HlcTimestamp,
+    /// The envelope bytes; the resource is inside, encrypted.
+    pub envelope: Vec<u8>,
+}
+
+impl std::fmt::Debug for VersionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VersionRecord({}/{}/_history/{}, deleted {}, position {})",
+            self.resource_type, self.resource_id, self.version, self.deleted, self.position
+        )
+    }
+}
+
+/// The chart read model in RocksDB.
+pub struct ChartProjection {
+    db: rocksdb::DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for ChartProjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChartProjection({})", self.path.display())
+    }
+}
+
+fn resource_key(prefix: u8, resource_type: &str, resource_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + resource_type.len() + resource_id.len());
+    key.push(prefix);
+    key.extend_from_slice(resource_type.as_bytes());
+    key.push(0);
+    key.extend_from_slice(resource_id.as_bytes());
+    key
+}
+
+fn version_key(resource_type: &str, resource_id: &str, version: u64) -> Vec<u8> {
+    let mut key = resource_key(b'v', resource_type, resource_id);
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+fn chart_prefix(prefix: u8, chart_id: ChartId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(40);
+    key.push(prefix);
+    key.extend_from_slice(chart_id.as_bytes());
+    key
+}
+
+fn type_prefix(resource_type: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(resource_type.len() + 2);
+    key.push(b't');
+    key.extend_from_slice(resource_type.as_bytes());
+    key.push(0);
+    key
+}
+
+/// Splits `type \0 id \0 version` as stored in the history indexes.
+fn split_version_ref(bytes: &[u8]) -> Option<(String, String, u64)> {
+    let mut parts = bytes.splitn(3, |byte| *byte == 0);
+    let resource_type = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let resource_id = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let version = u64::from_be_bytes(parts.next()?.try_into().ok()?);
+    Some((resource_type, resource_id, version))
+}
+
+impl ChartProjection {
+    /// Opens the projection, creating it when absent.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError::Storage`] when RocksDB cannot open it (for example because another
+    /// process holds it).
+    pub fn open(path: &Path) -> Result<ChartProjection, ProjectionError> {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        let db = rocksdb::DB::open(&options, path)
+            .map_err(|source| ProjectionError::Storage { path: path.to_path_buf(), source })?;
+        Ok(ChartProjection { db, path: path.to_path_buf() })
+    }
+
+    fn storage(&self) -> impl Fn(rocksdb::Error) -> ProjectionError + '_ {
+        |source| ProjectionError::Storage { path: self.path.clone(), source }
+    }
+
+    /// Returns the next log position this projection needs.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when the position cannot be read.
+    pub fn position(&self) -> Result<u64, ProjectionError> {
+        let stored = self.db.get(POSITION_KEY).map_err(self.storage())?;
+        match stored {
+            None => Ok(0),
+            Some(bytes) => {
+                let raw: [u8; 8] =
+                    bytes.as_slice().try_into().map_err(|_| ProjectionError::Corrupt { prefix: '!' })?;
+                Ok(u64::from_be_bytes(raw))
+            }
+        }
+    }
+
+    /// Applies consecutive events and the new position in one atomic write. Events before the
+    /// stored position were applied already and are skipped, so redelivery is harmless.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError::Gap`] when the first new event is not at the stored position, and
+    /// [`ProjectionError::Storage`] when the write fails (nothing is applied then).
+    pub fn apply(&self, events: &[ProjectedEvent<'_>]) -> Result<(), ProjectionError> {
+        let mut expected = self.position()?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for event in events {
+            if event.position < expected {
+                continue;
+            }
+            if event.position != expected {
+                return Err(ProjectionError::Gap { expected, received: event.position });
+            }
+            self.stage(&mut batch, event);
+            expected += 1;
+        }
+        batch.put(POSITION_KEY, expected.to_be_bytes());
+        self.db.write(batch).map_err(self.storage())
+    }
+
+    fn stage(&self, batch: &mut rocksdb::WriteBatch, event: &ProjectedEvent<'_>) {
+        let header = event.header;
+        let chart_id = header.chart_id;
+        let (resource_type, resource_id, version, deleted) = match event.payload {
+            EventPayload::ChartOpened(opened) => {
+                if opened.kind == ChartKind::Patient {
+                    let mut key = vec![b'p'];
+                    key.extend_from_slice(opened.patient_id.as_bytes());
+                    batch.put(key, chart_id.as_bytes());
+                }
+                return;
+            }
+            EventPayload::ChartAccessed(_) => return,
+            EventPayload::ResourceRecorded(recorded) => {
+                (&recorded.resource_type, &recorded.resource_id, recorded.version, false)
+            }
+            EventPayload::ResourceRetracted(retracted) => {
+                (&retracted.resource_type, &retracted.resource_id, retracted.version, true)
+            }
+        };
+
+        let record = VersionRecord {
+            chart_id,
+            resource_type: resource_type.clone(),
+            resource_id: resource_id.clone(),
+            version,
+            deleted,
+            seq: header.seq.0,
+            position: event.position,
+            recorded_at: header.recorded_at,
+            envelope: event.envelope.to_vec(),
+        };
+        let encoded = postcard::to_allocvec(&record).expect("version record serializes");
+        batch.put(version_key(resource_type, resource_id, version), encoded);
+        batch.put(resource_key(b'c', resource_type, resource_id), version.to_be_bytes());
+
+        let mut version_ref = Vec::new();
+        version_ref.extend_from_slice(resource_type.as_bytes());
+        version_ref.push(0);
+        version_ref.extend_from_slice(resource_id.as_bytes());
+        version_ref.push(0);
+        version_ref.extend_from_slice(&version.to_be_bytes());
+
+        let mut chart_history = chart_prefix(b'h', chart_id);
+        chart_history.extend_from_slice(&event.position.to_be_bytes());
+        batch.put(chart_history, &version_ref);
+
+        let mut type_history = type_prefix(resource_type);
+        type_history.extend_from_slice(&event.position.to_be_bytes());
+        let mut id_ref = resource_id.as_bytes().to_vec();
+        id_ref.push(0);
+        id_ref.extend_from_slice(&version.to_be_bytes());
+        batch.put(type_history, id_ref);
+
+        let mut member = chart_prefix(b'm', chart_id);
+        member.extend_from_slice(resource_type.as_bytes());
+        member.push(0);
+        member.extend_from_slice(resource_id.as_bytes());
+        if deleted {
+            batch.delete(member);
+        } else {
+            batch.put(member, []);
+        }
+    }
+
+    /// Returns one version of a resource.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails or the record is corrupt.
+    pub fn version(
+        &self,
+        resource_type: &str,
+        resource_id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, ProjectionError> {
+        let stored =
+            self.db.get(version_key(resource_type, resource_id, version)).map_err(self.storage())?;
+        stored
+            .map(|bytes| postcard::from_bytes(&bytes).map_err(|_| ProjectionError::Corrupt { prefix: 'v' }))
+            .transpose()
+    }
+
+    /// Returns the current version number of a resource, deletions included.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn current_version(
+        &self,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> Result<Option<u64>, ProjectionError> {
+        let stored =
+            self.db.get(resource_key(b'c', resource_type, resource_id)).map_err(self.storage())?;
+        stored
+            .map(|bytes| {
+                let raw: [u8; 8] =
+                    bytes.as_slice().try_into().map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
+                Ok(u64::from_be_bytes(raw))
+            })
+            .transpose()
+    }
+
+    /// Returns the latest version of a resource (which may be a deletion).
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn current(
+        &self,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> Result<Option<VersionRecord>, ProjectionError> {
+        match self.current_version(resource_type, resource_id)? {
+            None => Ok(None),
+            Some(version) => self.version(resource_type, resource_id, version),
+        }
+    }
+
+    /// Returns every version of a resource, newest first.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn instance_history(
+        &self,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> Result<Vec<VersionRecord>, ProjectionError> {
+        let Some(current) = self.current_version(resource_type, resource_id)? else {
+            return Ok(Vec::new());
+        };
+        let mut versions = Vec::new();
+        for version in (1..=current).rev() {
+            if let Some(record) = self.version(resource_type, resource_id, version)? {
+                versions.push(record);
+            }
+        }
+        Ok(versions)
+    }
+
+    fn scan_prefix_reverse(
+        &self,
+        prefix: &[u8],
+        skip: usize,
+        limit: usize,
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), ProjectionError> {
+        let mut upper = prefix.to_vec();
+        upper.extend_from_slice(&[0xff; 9]);
+        let mut iterator = self.db.raw_iterator();
+        iterator.seek_for_prev(&upper);
+        let mut entries = Vec::new();
+        let mut skipped = 0;
+        let mut more = false;
+        while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if skipped < skip {
+                skipped += 1;
+            } else if entries.len() == limit {
+                more = true;
+                break;
+            } else {
+                entries.push((key.to_vec(), value.to_vec()));
+            }
+            iterator.prev();
+        }
+        iterator.status().map_err(self.storage())?;
+        Ok((entries, more))
+    }
+
+    /// Returns a page of a chart's history, newest first, and whether more entries follow.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn chart_history(
+        &self,
+        chart_id: ChartId,
+        skip: usize,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, bool), ProjectionError> {
+        let (entries, more) = self.scan_prefix_reverse(&chart_prefix(b'h', chart_id), skip, limit)?;
+        let mut records = Vec::with_capacity(entries.len());
+        for (_, value) in entries {
+            let (resource_type, resource_id, version) =
+                split_version_ref(&value).ok_or(ProjectionError::Corrupt { prefix: 'h' })?;
+            let record = self
+                .version(&resource_type, &resource_id, version)?
+                .ok_or(ProjectionError::Corrupt { prefix: 'h' })?;
+            records.push(record);
+        }
+        Ok((records, more))
+    }
+
+    /// Returns a page of a resource type's history, newest first, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn type_history(
+        &self,
+        resource_type: &str,
+        skip: usize,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, bool), ProjectionError> {
+        let (entries, more) = self.scan_prefix_reverse(&type_prefix(resource_type), skip, limit)?;
+        let mut records = Vec::with_capacity(entries.len());
+        for (_, value) in entries {
+            let split = value.iter().position(|byte| *byte == 0);
+            let parsed = split.and_then(|at| {
+                let id = std::str::from_utf8(&value[..at]).ok()?;
+                let version = u64::from_be_bytes(value[at + 1..].try_into().ok()?);
+                Some((id.to_owned(), version))
+            });
+            let (resource_id, version) = parsed.ok_or(ProjectionError::Corrupt { prefix: 't' })?;
+            let record = self
+                .version(resource_type, &resource_id, version)?
+                .ok_or(ProjectionError::Corrupt { prefix: 't' })?;
+            records.push(record);
+        }
+        Ok((records, more))
+    }
+
+    /// Returns the type and id of every resource of a chart that is not deleted, optionally of
+    /// one type only, in key order.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn chart_members(
+        &self,
+        chart_id: ChartId,
+        resource_type: Option<&str>,
+    ) -> Result<Vec<(String, String)>, ProjectionError> {
+        let mut prefix = chart_prefix(b'm', chart_id);
+        if let Some(resource_type) = resource_type {
+            prefix.extend_from_slice(resource_type.as_bytes());
+            prefix.push(0);
+        }
+        let mut members = Vec::new();
+        let mut iterator = self.db.raw_iterator();
+        iterator.seek(&prefix);
+        while let Some(key) = iterator.key() {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let rest = &key[17..];
+            let at = rest.iter().position(|byte| *byte == 0);
+            let parsed = at.and_then(|at| {
+                let resource_type = std::str::from_utf8(&rest[..at]).ok()?;
+                let resource_id = std::str::from_utf8(&rest[at + 1..]).ok()?;
+                Some((resource_type.to_owned(), resource_id.to_owned()))
+            });
+            members.push(parsed.ok_or(ProjectionError::Corrupt { prefix: 'm' })?);
+            iterator.next();
+        }
+        iterator.status().map_err(self.storage())?;
+        Ok(members)
+    }
+
+    /// Returns the current record of every resource of a type that is not deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn current_of_type(&self, resource_type: &str) -> Result<Vec<VersionRecord>, ProjectionError> {
+        let prefix = resource_key(b'c', resource_type, "");
+        let mut records = Vec::new();
+        let mut iterator = self.db.raw_iterator();
+        iterator.seek(&prefix);
+        while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let resource_id = std::str::from_utf8(&key[prefix.len()..])
+                .map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
+            let raw: [u8; 8] = value.try_into().map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
+            let record = self
+                .version(resource_type, resource_id, u64::from_be_bytes(raw))?
+                .ok_or(ProjectionError::Corrupt { prefix: 'c' })?;
+            if !record.deleted {
+                records.push(record);
+            }
+            iterator.next();
+        }
+        iterator.status().map_err(self.storage())?;
+        Ok(records)
+    }
+
+    /// Returns the chart of the patient with the given Patient resource id.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn patient_chart(&self, patient_id: &str) -> Result<Option<ChartId>, ProjectionError> {
+        let mut key = vec![b'p'];
+        key.extend_from_slice(patient_id.as_bytes());
+        let stored = self.db.get(key).map_err(self.storage())?;
+        stored
+            .map(|bytes| {
+                let raw: [u8; 16] =
+                    bytes.as_slice().try_into().map_err(|_| ProjectionError::Corrupt { prefix: 'p' })?;
+                Ok(ChartId::from_bytes(raw))
+            })
+            .transpose()
+    }
+
+    /// Returns every key and value in key order: the projection's entire state, for comparing
+    /// a rebuilt projection with the original.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ProjectionError> {
+        let mut entries = Vec::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(self.storage())?;
+            entries.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chartlog_schemas::{
+        ChartOpened, EventHeader, EventId, EventSeq, EventType, KeyId, ResourceRecorded,
+        ResourceRetracted, SignerId,
+    };
+
+    use super::*;
+
+    fn header(chart_id: ChartId, seq: u64, event_type: EventType) -> EventHeader {
+        EventHeader {
+            event_id: EventId::random(),
+            chart_id,
+            seq: EventSeq(seq),
+            event_type,
+            schema_version: 1,
+            recorded_at: HlcTimestamp { wall_micros: seq as i64, logical: 0 },
+            actor: "tester".into(),
+            purpose_of_use: "TREAT".into(),
+            key_id: KeyId::random(),
+            signer: SignerId([0; 8]),
+            prev_digest: [0; 32],
+            command_id: None,
+        }
+    }
+
+    fn recorded(resource_type: &str, id: &str, version: u64) -> EventPayload {
+        EventPayload::ResourceRecorded(ResourceRecorded {
+            resource_type: resource_type.into(),
+            resource_id: id.into(),
+            version,
+            resource_json: "{}".into(),
+        })
+    }
+
+    /// Given a chart with a patient, an observation in two versions and its deletion.
+    fn sample_events(chart: ChartId) -> Vec<(EventHeader, EventPayload)> {
+        vec![
+            (
+                header(chart, 1, EventType::ChartOpened),
+                EventPayload::ChartOpened(ChartOpened {
+                    kind: ChartKind::Patient,
+                    patient_id: "pat-1".into(),
+                }),
+            ),
+            (header(chart, 2, EventType::ResourceRecorded), recorded("Patient", "pat-1", 1)),
+            (header(chart, 3, EventType::ResourceRecorded), recorded("Observation", "obs-1", 1)),
+            (header(chart, 4, EventType::ResourceRecorded), recorded("Observation", "obs-1", 2)),
+            (
+                header(chart, 5, EventType::ResourceRetracted),
+                EventPayload::ResourceRetracted(ResourceRetracted {
+                    resource_type: "Observation".into(),
+                    resource_id: "obs-1".into(),
+                    version: 3,
+                }),
+            ),
+        ]
+    }
+
+    fn apply_all(projection: &ChartProjection, events: &[(EventHeader, EventPayload)], from: u64) {
+        let projected: Vec<ProjectedEvent<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(index, (header, payload))| ProjectedEvent {
+                position: from + index as u64,
+                header,
+                payload,
+                envelope: b"sealed",
+            })
+            .collect();
+        projection.apply(&projected).unwrap();
+    }
+
+    #[test]
+    fn delete_keeps_history_and_clears_membership() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        let chart = ChartId::random();
+        apply_all(&projection, &sample_events(chart), 0);
+
+        let current = projection.current("Observation", "obs-1").unwrap().unwrap();
+        assert!(current.deleted, "latest version of obs-1 is the deletion");
+        let history = projection.instance_history("Observation", "obs-1").unwrap();
+        let versions: Vec<u64> = history.iter().map(|record| record.version).collect();
+        assert_eq!(versions, vec![3, 2, 1]);
+        let members = projection.chart_members(chart, None).unwrap();
+        assert_eq!(members, vec![("Patient".to_owned(), "pat-1".to_owned())]);
+        assert_eq!(projection.patient_chart("pat-1").unwrap(), Some(chart));
+        assert_eq!(projection.position().unwrap(), 5);
+    }
+
+    #[test]
+    fn redelivered_events_apply_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        let chart = ChartId::random();
+        let events = sample_events(chart);
+        apply_all(&projection, &events[..3], 0);
+        let before = projection.dump().unwrap();
+        apply_all(&projection, &events[..3], 0);
+        assert_eq!(projection.dump().unwrap(), before, "redelivery changed the state");
+        apply_all(&projection, &events, 0);
+        assert_eq!(projection.position().unwrap(), 5);
+    }
+
+    #[test]
+    fn gap_in_positions_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        let events = sample_events(ChartId::random());
+        let error = {
+            let projected = [ProjectedEvent {
+                position: 2,
+                header: &events[0].0,
+                payload: &events[0].1,
+                envelope: b"",
+            }];
+            projection.apply(&projected).unwrap_err()
+        };
+        assert!(matches!(error, ProjectionError::Gap { expected: 0, received: 2 }), "{error}");
+        assert_eq!(projection.position().unwrap(), 0, "a rejected batch must not move the position");
+    }
+
+    #[test]
+    fn rebuild_in_pieces_matches_single_pass() {
+        let chart = ChartId::random();
+        let events = sample_events(chart);
+        let one = tempfile::tempdir().unwrap();
+        let two = tempfile::tempdir().unwrap();
+        let whole = ChartProjection::open(one.path()).unwrap();
+        apply_all(&whole, &events, 0);
+        let pieces = ChartProjection::open(two.path()).unwrap();
+        apply_all(&pieces, &events[..2], 0);
+        drop(pieces);
+        let reopened = ChartProjection::open(two.path()).unwrap();
+        apply_all(&reopened, &events[2..], 2);
+        assert_eq!(whole.dump().unwrap(), reopened.dump().unwrap());
+    }
+
+    #[test]
+    fn histories_page_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        let chart = ChartId::random();
+        apply_all(&projection, &sample_events(chart), 0);
+        let (page, more) = projection.chart_history(chart, 0, 2).unwrap();
+        let versions: Vec<u64> = page.iter().map(|record| record.version).collect();
+        assert_eq!(versions, vec![3, 2]);
+        assert!(more, "a third history entry exists");
+        let (rest, more) = projection.chart_history(chart, 2, 10).unwrap();
+        assert_eq!(rest.len(), 2, "obs-1 version 1 and the patient");
+        assert!(!more);
+        let (types, _) = projection.type_history("Observation", 0, 10).unwrap();
+        assert_eq!(types.len(), 3);
+    }
+}

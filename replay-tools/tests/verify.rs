@@ -1,0 +1,201 @@
+//! Tamper tests of `chartlog-replay verify`: a log written by a real node passes, and each kind
+//! of alteration made directly in the RocksDB files is detected and named.
+
+use std::path::Path;
+use std::process::Command as Process;
+
+use chartlog::command::{ChartTarget, Command, Operation};
+use chartlog::node::{Node, NodeConfig};
+use chartlog_schemas::envelope;
+
+const CHART_EVENTS: usize = 6;
+
+/// Writes a patient and five observations through a real node, then stops it.
+fn write_sample_log(dir: &Path) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = NodeConfig { data_dir: dir.to_path_buf(), kek_file: None };
+        let node = Node::open(&config).await.unwrap();
+        let record = |resource_type: &str, id: &str, body: serde_json::Value| Operation::Record {
+            resource_type: resource_type.into(),
+            resource_id: id.into(),
+            resource: body.as_object().unwrap().clone(),
+            chart: ChartTarget::Patient("pat-1".into()),
+            if_match: None,
+            create_only: true,
+            references: Vec::new(),
+        };
+        let mut operations = vec![record(
+            "Patient",
+            "pat-1",
+            serde_json::json!({"resourceType": "Patient", "name": [{"family": "Synthetic"}]}),
+        )];
+        for index in 0..(CHART_EVENTS - 2) {
+            operations.push(record(
+                "Observation",
+                &format!("obs-{index}"),
+                serde_json::json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/pat-1"}}),
+            ));
+        }
+        for operation in operations {
+            let command = Command {
+                actor: "tester".into(),
+                purpose_of_use: "TREAT".into(),
+                command_id: None,
+                operations: vec![operation],
+            };
+            node.writer.submit(command).await.unwrap();
+        }
+        node.shutdown().await;
+    });
+}
+
+fn run_verify(dir: &Path) -> (bool, String) {
+    let output = Process::new(env!("CARGO_BIN_EXE_chartlog-replay"))
+        .args(["verify", "--data"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn open_log_db(dir: &Path) -> rocksdb::DB {
+    let options = rocksdb::Options::default();
+    rocksdb::DB::open_cf(&options, dir.join("log"), ["default", "heads"]).unwrap()
+}
+
+fn key(position: u64) -> [u8; 8] {
+    position.to_be_bytes()
+}
+
+/// Returns a fresh sample log and the positions of the chart's events (log order).
+fn sample() -> (tempfile::TempDir, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_log(dir.path());
+    let db = open_log_db(dir.path());
+    let mut positions = Vec::new();
+    for item in db.iterator(rocksdb::IteratorMode::Start) {
+        let (key, _) = item.unwrap();
+        positions.push(u64::from_be_bytes(key.as_ref().try_into().unwrap()));
+    }
+    assert_eq!(positions.len(), CHART_EVENTS, "chart opened plus five resources");
+    (dir, positions)
+}
+
+fn chart_id_of(db: &rocksdb::DB, position: u64) -> String {
+    let bytes = db.get(key(position)).unwrap().unwrap();
+    envelope::parse(&bytes).unwrap().header.chart_id.to_string()
+}
+
+#[test]
+fn untouched_log_verifies() {
+    let (dir, _) = sample();
+    let (ok, output) = run_verify(dir.path());
+    assert!(ok, "{output}");
+    assert!(output.contains("events:          6"), "{output}");
+    assert!(output.contains("charts:          1"), "{output}");
+}
+
+#[test]
+fn altered_byte_is_named() {
+    let (dir, positions) = sample();
+    let chart = {
+        let db = open_log_db(dir.path());
+        let mut bytes = db.get(key(positions[3])).unwrap().unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        db.put(key(positions[3]), bytes).unwrap();
+        chart_id_of(&db, positions[0])
+    };
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "an altered byte went unnoticed: {output}");
+    assert!(output.contains(&format!("position {}", positions[3])), "{output}");
+    assert!(output.contains(&chart), "the chart is named: {output}");
+    assert!(output.contains("sequence 4"), "the sequence number is named: {output}");
+}
+
+#[test]
+fn removed_event_is_named() {
+    let (dir, positions) = sample();
+    {
+        let db = open_log_db(dir.path());
+        db.delete(key(positions[2])).unwrap();
+    }
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "a removed event went unnoticed: {output}");
+    assert!(output.contains("expected sequence number 3 in this chart, found 4"), "{output}");
+}
+
+#[test]
+fn swapped_events_are_named() {
+    let (dir, positions) = sample();
+    {
+        let db = open_log_db(dir.path());
+        let first = db.get(key(positions[2])).unwrap().unwrap();
+        let second = db.get(key(positions[3])).unwrap().unwrap();
+        db.put(key(positions[2]), second).unwrap();
+        db.put(key(positions[3]), first).unwrap();
+    }
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "swapped events went unnoticed: {output}");
+    assert!(output.contains("expected sequence number 3 in this chart, found 4"), "{output}");
+}
+
+#[test]
+fn forged_event_is_named() {
+    let (dir, positions) = sample();
+    {
+        let db = open_log_db(dir.path());
+        let last = db.get(key(*positions.last().unwrap())).unwrap().unwrap();
+        let parsed = envelope::parse(&last).unwrap();
+        // A forger who knows the chain continues it correctly but signs with a key of their own.
+        let forger = chartlog::crypto::NodeSigner::from_seed(&[42u8; 32]);
+        let mut header = parsed.header.clone();
+        header.seq = header.seq.next();
+        header.prev_digest = parsed.digest;
+        header.signer = forger.id();
+        let payload = chartlog_schemas::EventPayload::ResourceRetracted(chartlog_schemas::ResourceRetracted {
+            resource_type: "Patient".into(),
+            resource_id: "pat-1".into(),
+            version: 2,
+        });
+        let key_material = chartlog::crypto::SymmetricKey::from_bytes([7u8; 32]);
+        let forged = chartlog::crypto::seal_event(&header, &payload, &key_material, &forger);
+        db.put(key(positions.last().unwrap() + 1), forged.0).unwrap();
+    }
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "a forged event went unnoticed: {output}");
+    assert!(output.contains("signed by untrusted key"), "{output}");
+    assert!(output.contains("sequence 7"), "{output}");
+}
+
+#[test]
+fn truncated_chart_tail_is_named() {
+    let (dir, positions) = sample();
+    let chart = {
+        let db = open_log_db(dir.path());
+        let chart = chart_id_of(&db, positions[0]);
+        for position in &positions[4..] {
+            db.delete(key(*position)).unwrap();
+        }
+        chart
+    };
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "a truncated chart went unnoticed: {output}");
+    assert!(output.contains(&chart), "{output}");
+    assert!(output.contains("chart ends at sequence 4 but its recorded head is sequence 6"), "{output}");
+}
+
+#[test]
+fn verify_of_missing_directory_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, output) = run_verify(&dir.path().join("absent"));
+    assert!(!ok);
+    assert!(output.contains("does not exist"), "{output}");
+    assert_eq!(output.lines().count(), 1, "a one-line message: {output}");
+}

@@ -1,0 +1,91 @@
+//! Opening stored versions and recording who read them.
+//!
+//! Invariant: a handler calls [`record_access`] and awaits it before any health data leaves in
+//! its response; when the access event cannot be made durable the request fails with 503.
+
+use std::collections::BTreeMap;
+
+use chartlog_projections::VersionRecord;
+use chartlog_schemas::{AccessedResource, ChartAccessed, ChartId, EventPayload};
+
+use super::{ApiError, AppState, Caller};
+use crate::command::{Command, Operation};
+use crate::crypto;
+
+/// Checks, decrypts and returns the resource JSON stored in a version record.
+///
+/// # Errors
+///
+/// 500 when the envelope fails its integrity check (the log records which check) or does not
+/// hold a resource version.
+pub fn open_record(state: &AppState, record: &VersionRecord) -> Result<String, ApiError> {
+    let checked = crypto::check_envelope(&record.envelope, state.keys.trusted_signers())
+        .map_err(|error| ApiError::internal("stored envelope integrity", &error))?;
+    let data_key = state
+        .keys
+        .data_key(checked.parsed.header.key_id)
+        .map_err(|error| ApiError::internal("data key", &error))?;
+    let payload = crypto::open_payload(&checked, &data_key)
+        .map_err(|error| ApiError::internal("stored envelope decryption", &error))?;
+    match payload {
+        EventPayload::ResourceRecorded(recorded) => Ok(recorded.resource_json),
+        _ => Err(ApiError::internal("stored envelope", &"version record holds no resource")),
+    }
+}
+
+/// Opens a record and parses its JSON.
+///
+/// # Errors
+///
+/// As [`open_record`].
+pub fn open_value(state: &AppState, record: &VersionRecord) -> Result<serde_json::Value, ApiError> {
+    let text = open_record(state, record)?;
+    serde_json::from_str(&text).map_err(|error| ApiError::internal("stored resource", &error))
+}
+
+/// Appends one chart-accessed event per chart among `records` and waits until they are durable.
+///
+/// # Errors
+///
+/// 503 when the events cannot be appended.
+pub async fn record_access(
+    state: &AppState,
+    caller: &Caller,
+    interaction: &str,
+    records: &[&VersionRecord],
+    with_versions: bool,
+) -> Result<(), ApiError> {
+    let mut by_chart: BTreeMap<ChartId, Vec<AccessedResource>> = BTreeMap::new();
+    for record in records {
+        by_chart.entry(record.chart_id).or_default().push(AccessedResource {
+            resource_type: record.resource_type.clone(),
+            resource_id: record.resource_id.clone(),
+            version: with_versions.then_some(record.version),
+        });
+    }
+    if by_chart.is_empty() {
+        return Ok(());
+    }
+    let operations = by_chart
+        .into_iter()
+        .map(|(chart_id, resources)| Operation::Access {
+            chart_id,
+            access: ChartAccessed {
+                interaction: interaction.to_owned(),
+                resources,
+                client_address: caller.client_address.clone(),
+            },
+        })
+        .collect();
+    let command = Command {
+        actor: caller.principal.subject.clone(),
+        purpose_of_use: caller.purpose_of_use.clone(),
+        command_id: None,
+        operations,
+    };
+    state.writer.submit(command).await.map_err(|error| {
+        tracing::error!(error = %error, interaction, "access event not recorded; read refused");
+        ApiError::unavailable("the access could not be recorded, so the read was refused; retry later")
+    })?;
+    Ok(())
+}

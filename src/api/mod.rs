@@ -1,0 +1,196 @@
+//! The HTTP API: FHIR R4 REST under `/fhir`, plus `/health`.
+//!
+//! [`app`] builds the router. Every handler authenticates the bearer token, checks the role's
+//! permission, validates input before anything is written, and answers errors with a FHIR
+//! `OperationOutcome` ([`ApiError`]). Every read of health data first appends a chart-accessed
+//! event and fails with 503 when that event cannot be made durable.
+
+mod access;
+mod capability;
+mod error;
+mod rest;
+mod transaction;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::Router;
+use chartlog_projections::ChartProjection;
+use tokio::sync::watch;
+
+use crate::auth::{Action, Authenticator, Principal};
+use crate::crypto::KeyStore;
+use crate::log::{EventLog, LogPosition};
+use crate::projector::ProjectorStatus;
+use crate::writer::Writer;
+
+pub use error::ApiError;
+
+/// Largest request body accepted, in bytes (64 MiB): room for a transaction Bundle of a
+/// patient's whole history, while a single resource is bounded by the envelope limit.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long a request waits for the projection to reach its own write before giving up.
+const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Command submission.
+    pub writer: Writer,
+    /// The chart read model.
+    pub projection: Arc<ChartProjection>,
+    /// Keys for opening stored envelopes.
+    pub keys: Arc<KeyStore>,
+    /// The log, for health reporting.
+    pub log: Arc<dyn EventLog>,
+    /// Projector status.
+    pub projector: watch::Receiver<ProjectorStatus>,
+    /// Token validation.
+    pub authenticator: Arc<Authenticator>,
+    /// Base URL of the FHIR endpoint as clients reach it, for fullUrl and Location.
+    pub base_url: Arc<str>,
+}
+
+impl AppState {
+    /// Waits until the chart projection includes every entry before `position`.
+    async fn wait_for_projection(&self, position: LogPosition) -> Result<(), ApiError> {
+        let mut status = self.projector.clone();
+        let waited = tokio::time::timeout(
+            READ_YOUR_WRITES_TIMEOUT,
+            status.wait_for(|status| status.applied >= position.0 || status.halted.is_some()),
+        )
+        .await;
+        match waited {
+            Ok(Ok(status)) if status.halted.is_none() => Ok(()),
+            _ => Err(ApiError::unavailable("the chart projection is behind the log")),
+        }
+    }
+}
+
+/// The caller of a request: the authenticated principal, the purpose of use and the client's
+/// address.
+pub struct Caller {
+    /// The authenticated principal.
+    pub principal: Principal,
+    /// Purpose of use for this request.
+    pub purpose_of_use: String,
+    /// The client's address as the server saw it.
+    pub client_address: String,
+}
+
+/// Purpose of use codes a client may name in `X-Purpose-Of-Use` (HL7 v3 PurposeOfUse).
+const PURPOSES_OF_USE: &[&str] =
+    &["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "PATRQT", "PUBHLTH", "HRESCH", "LEGAL", "COC"];
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let authorization = parts.headers.get("authorization").and_then(|value| value.to_str().ok());
+        let principal = state.authenticator.authenticate(authorization).map_err(|error| {
+            tracing::info!(reason = %error, "authentication failed");
+            ApiError::unauthenticated()
+        })?;
+        let purpose_of_use = match parts.headers.get("x-purpose-of-use") {
+            None => principal.default_purpose().to_owned(),
+            Some(value) => {
+                let text = value.to_str().unwrap_or("");
+                if !PURPOSES_OF_USE.contains(&text) {
+                    return Err(ApiError::invalid(
+                        "X-Purpose-Of-Use",
+                        "unknown purpose of use; expected an HL7 v3 PurposeOfUse code such as TREAT",
+                    ));
+                }
+                text.to_owned()
+            }
+        };
+        let client_address = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| "unknown".to_owned(), |info| info.0.to_string());
+        Ok(Caller { principal, purpose_of_use, client_address })
+    }
+}
+
+impl Caller {
+    /// Checks that the caller may perform `action` on `resource_type`.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError`] with status 403.
+    pub fn require(&self, action: Action, resource_type: &str) -> Result<(), ApiError> {
+        if self.principal.may(action, resource_type) {
+            Ok(())
+        } else {
+            tracing::info!(subject = %self.principal.subject, resource_type, ?action, "permission denied");
+            Err(ApiError::forbidden(action, resource_type))
+        }
+    }
+}
+
+/// Returns the value of a header as text, if present and valid.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Builds the router over `state`.
+pub fn app(state: AppState) -> Router {
+    let fhir = Router::new()
+        .route("/", post(transaction::transaction))
+        .route("/metadata", get(capability::metadata))
+        .route("/{resource_type}", post(rest::create).get(rest::search_type))
+        .route("/{resource_type}/_history", get(rest::type_history))
+        .route("/{resource_type}/_search", post(rest::search_post))
+        .route(
+            "/{resource_type}/{id}",
+            get(rest::read_or_operation).put(rest::update).delete(rest::delete),
+        )
+        .route("/{resource_type}/{id}/{operation}", get(rest::patient_compartment))
+        .route("/{resource_type}/{id}/_history/{version}", get(rest::vread));
+
+    Router::new()
+        .nest("/fhir", fhir)
+        .route("/metadata", get(capability::metadata))
+        .route("/health", get(health))
+        .fallback(|| async { ApiError::not_found_path() })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |request: &axum::http::Request<axum::body::Body>| {
+                    // The matched route, never the raw path: paths carry resource ids and
+                    // query strings carry search values.
+                    let route = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or("unmatched", |path| path.as_str())
+                        .to_owned();
+                    tracing::debug_span!("request", method = %request.method(), route)
+                },
+            ),
+        )
+        .with_state(state)
+}
+
+async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+
+    let status = state.projector.borrow().clone();
+    let log_end = *state.log.end_position().borrow();
+    let lag = log_end.0.saturating_sub(status.applied);
+    let (code, node_state) = match &status.halted {
+        Some(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded"),
+        None => (axum::http::StatusCode::OK, "ok"),
+    };
+    let body = serde_json::json!({
+        "status": node_state,
+        "log": {"backend": "embedded", "end_position": log_end.0},
+        "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
+    });
+    (code, axum::Json(body)).into_response()
+}

@@ -1,0 +1,283 @@
+//! `chartlog-bench`: drives the HTTP API of a node on the embedded log over loopback TCP and
+//! reports chart writes per second, audited reads per second and their latency, next to a
+//! baseline of raw synced RocksDB appends of envelopes of the same size, run in the same
+//! process on the same disk.
+//!
+//! Phases: (1) saturate with writes (each a new Observation, durable before the answer);
+//! (2) saturate with reads (each appends a durable access event before the answer); (3) offer
+//! half the measured write rate and half the read rate, paced, and report their latency;
+//! (4) the baselines: one synced RocksDB append per envelope, and batches of 64 per sync.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chartlog::api::{self, AppState};
+use chartlog::auth::dev_issuer::{self, DevIssuer};
+use chartlog::auth::{Authenticator, IssuerConfig};
+use chartlog::log::{EmbeddedLog, EventLog};
+use chartlog::node::{Node, NodeConfig};
+use chartlog_schemas::Envelope;
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+#[command(name = "chartlog-bench", about = "Measure Chartlog's HTTP throughput and latency on the embedded log")]
+struct Args {
+    /// Seconds each saturation phase runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent HTTP connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Directory for the bench's data (a temporary directory inside it is used and removed).
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+}
+
+/// A keep-alive HTTP/1.1 client over one TCP connection: enough for the bench's requests.
+struct Connection {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Connection {
+    async fn open(address: SocketAddr) -> anyhow::Result<Connection> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(Connection { stream: BufReader::new(stream), host: address.to_string() })
+    }
+
+    async fn request(&mut self, method: &str, path: &str, token: &str, body: &str) -> anyhow::Result<(u16, String)> {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).await?;
+        let mut head = Vec::with_capacity(512);
+        while !head.ends_with(b"\r\n\r\n") {
+            let byte = self.stream.read_u8().await?;
+            head.push(byte);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let status: u16 = head.split(' ').nth(1).context("no status")?.parse()?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok((status, String::from_utf8_lossy(&body).to_string()))
+    }
+}
+
+struct Stats {
+    latencies_micros: Vec<u64>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn per_second(&self) -> f64 {
+        self.latencies_micros.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, percentile: f64) -> f64 {
+        let mut sorted = self.latencies_micros.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let index = ((sorted.len() as f64 * percentile).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[index] as f64 / 1000.0
+    }
+}
+
+fn observation(patient_id: &str, index: u64) -> String {
+    format!(
+        r#"{{"resourceType":"Observation","status":"final","category":[{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}}]}}],"code":{{"coding":[{{"system":"http://loinc.org","code":"8867-4","display":"Heart rate"}}]}},"subject":{{"reference":"Patient/{patient_id}"}},"effectiveDateTime":"2026-01-01T10:00:00Z","valueQuantity":{{"value":{},"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}}}"#,
+        60 + index % 40
+    )
+}
+
+/// Runs `connections` workers for `duration`, each calling `step` in a loop, optionally paced
+/// to `rate_per_second` in total.
+async fn run_phase<F, Fut>(
+    address: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    rate_per_second: Option<f64>,
+    step: F,
+) -> anyhow::Result<Stats>
+where
+    F: Fn(usize, u64, Connection) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<(Connection, u64)>> + Send,
+{
+    let started = Instant::now();
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..connections {
+        let step = step.clone();
+        let counter = counter.clone();
+        workers.push(tokio::spawn(async move {
+            let mut connection = Connection::open(address).await?;
+            let mut latencies = Vec::new();
+            let interval = rate_per_second.map(|rate| Duration::from_secs_f64(connections as f64 / rate));
+            let mut next_send = Instant::now() + Duration::from_micros((worker as u64 * 997) % 5000);
+            while started.elapsed() < duration {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(next_send.into()).await;
+                    next_send += interval;
+                }
+                let index = counter.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                let (returned, _) = step(worker, index, connection).await?;
+                connection = returned;
+                latencies.push(sent.elapsed().as_micros() as u64);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies_micros = Vec::new();
+    for worker in workers {
+        latencies_micros.extend(worker.await??);
+    }
+    Ok(Stats { latencies_micros, elapsed: started.elapsed() })
+}
+
+fn baseline(dir: &std::path::Path, envelope_bytes: usize, duration: Duration, batch: usize) -> anyhow::Result<f64> {
+    let log = EmbeddedLog::open(dir, true)?;
+    let envelopes: Vec<Envelope> = (0..batch).map(|_| Envelope(vec![0xa5; envelope_bytes])).collect();
+    let started = Instant::now();
+    let mut appended = 0u64;
+    while started.elapsed() < duration {
+        log.append_batch(&envelopes)?;
+        appended += batch as u64;
+    }
+    Ok(appended as f64 / started.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir_in(&args.dir).context("cannot create the bench directory")?;
+    let config = NodeConfig { data_dir: scratch.path().join("node"), kek_file: None };
+    let node = Node::open(&config).await?;
+    let key_dir = config.key_paths().dir;
+    let issuer = DevIssuer::open_or_create(&key_dir)?;
+    let jwks = key_dir.join("bench-jwks.json");
+    std::fs::write(&jwks, issuer.jwks_json())?;
+    let authenticator = Authenticator::from_config(&[IssuerConfig {
+        issuer: dev_issuer::ISSUER.into(),
+        audience: dev_issuer::AUDIENCE.into(),
+        jwks_file: Some(jwks),
+        jwks_url: None,
+    }])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let state = AppState {
+        writer: node.writer.clone(),
+        projection: node.projection.clone(),
+        keys: node.keys.clone(),
+        log: node.log.clone(),
+        projector: node.projector.clone(),
+        authenticator: Arc::new(authenticator),
+        base_url: format!("http://{address}/fhir").into(),
+    };
+    let server = tokio::spawn(async move {
+        axum::serve(listener, api::app(state).into_make_service_with_connect_info::<SocketAddr>()).await
+    });
+    let token: Arc<str> = issuer.mint("bench", &["physician"], Duration::from_secs(3600))?.into();
+
+    // One patient per connection, so writes spread over as many charts.
+    let mut setup = Connection::open(address).await?;
+    let mut patients = Vec::new();
+    for index in 0..args.connections {
+        let body = format!(r#"{{"resourceType":"Patient","name":[{{"family":"Bench{index}"}}],"birthDate":"1980-01-01"}}"#);
+        let (status, reply) = setup.request("POST", "/fhir/Patient", &token, &body).await?;
+        anyhow::ensure!(status == 201, "patient create answered {status}");
+        let value: serde_json::Value = serde_json::from_str(&reply)?;
+        patients.push(value["id"].as_str().context("patient id")?.to_owned());
+    }
+    let patients: Arc<Vec<String>> = Arc::new(patients);
+    let duration = Duration::from_secs(args.seconds);
+
+    let written: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let write_step = {
+        let (token, patients, written) = (token.clone(), patients.clone(), written.clone());
+        move |worker: usize, index: u64, mut connection: Connection| {
+            let (token, patients, written) = (token.clone(), patients.clone(), written.clone());
+            async move {
+                let body = observation(&patients[worker], index);
+                let (status, reply) = connection.request("POST", "/fhir/Observation", &token, &body).await?;
+                anyhow::ensure!(status == 201, "write answered {status}");
+                if index % 16 == 0 {
+                    if let Some(id) = serde_json::from_str::<serde_json::Value>(&reply)?["id"].as_str() {
+                        written.lock().expect("bench id list lock").push(id.to_owned());
+                    }
+                }
+                Ok((connection, index))
+            }
+        }
+    };
+    let writes = run_phase(address, args.connections, duration, None, write_step.clone()).await?;
+    let ids: Arc<Vec<String>> = Arc::new(written.lock().expect("bench id list lock").clone());
+    anyhow::ensure!(!ids.is_empty(), "no observations were written");
+
+    let read_step = {
+        let (token, ids) = (token.clone(), ids.clone());
+        move |_worker: usize, index: u64, mut connection: Connection| {
+            let (token, ids) = (token.clone(), ids.clone());
+            async move {
+                let id = &ids[(index as usize) % ids.len()];
+                let (status, _) = connection.request("GET", &format!("/fhir/Observation/{id}"), &token, "").await?;
+                anyhow::ensure!(status == 200, "read answered {status}");
+                Ok((connection, index))
+            }
+        }
+    };
+    let reads = run_phase(address, args.connections, duration, None, read_step.clone()).await?;
+
+    let half_writes =
+        run_phase(address, args.connections, duration, Some(writes.per_second() / 2.0), write_step).await?;
+    let half_reads = run_phase(address, args.connections, duration, Some(reads.per_second() / 2.0), read_step).await?;
+
+    // The envelope size of a typical write, measured from the log itself.
+    let sample = node.log.read_from(chartlog::log::LogPosition(node.log.end_position().borrow().0 / 2), 64)?;
+    let envelope_bytes = sample.iter().map(|(_, envelope)| envelope.0.len()).max().unwrap_or(600);
+    let baseline_single = baseline(&scratch.path().join("baseline-1"), envelope_bytes, duration, 1)?;
+    let baseline_batched = baseline(&scratch.path().join("baseline-64"), envelope_bytes, duration, 64)?;
+
+    server.abort();
+    println!("chartlog-bench: {} connections, {} s per phase, envelopes of {envelope_bytes} bytes", args.connections, args.seconds);
+    println!("| measurement | per second | p50 ms | p99 ms | ratio to 1-per-sync baseline | ratio to 64-per-sync baseline |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let row = |name: &str, stats: &Stats| {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            stats.per_second(),
+            stats.percentile_ms(0.50),
+            stats.percentile_ms(0.99),
+            stats.per_second() / baseline_single,
+            stats.per_second() / baseline_batched
+        );
+    };
+    row("chart writes, saturated", &writes);
+    row("audited reads, saturated", &reads);
+    row("chart writes, half load", &half_writes);
+    row("audited reads, half load", &half_reads);
+    println!("| raw RocksDB synced appends, 1 per sync | {baseline_single:.0} | | | 1.00 | {:.2} |", baseline_single / baseline_batched);
+    println!("| raw RocksDB synced appends, 64 per sync | {baseline_batched:.0} | | | {:.2} | 1.00 |", baseline_batched / baseline_single);
+    node.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! The key store: the key-encryption key file, the node's signing key and the wrapped data
+//! key of every chart.
+//!
+//! Invariant: a chart's data key is durable in the store, wrapped by the key-encryption key,
+//! before any event encrypted with it reaches the log. Unwrapped data keys live only in memory.
+//! Key files are created owner-only (mode 0600) and refused when others can read them.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use chartlog_schemas::{ChartId, KeyId, SignerId};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use super::{decrypt, encrypt, CryptoError, NodeSigner, SymmetricKey, TrustedSigners};
+
+/// Error from the key store. Messages name files and ids, never key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    /// A key file could not be read or written.
+    #[error("key file {path}: {action} failed")]
+    Io {
+        /// Path of the file.
+        path: PathBuf,
+        /// What was attempted.
+        action: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file has the wrong length or encoding.
+    #[error("key file {0} is invalid: expected 64 hexadecimal characters")]
+    InvalidKeyFile(PathBuf),
+    /// A key file can be read by users other than its owner.
+    #[error("key file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)")]
+    Permissions {
+        /// Path of the file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The data key database failed.
+    #[error("data key store at {path}")]
+    Database {
+        /// Directory of the database.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// A data key record is missing.
+    #[error("no data key {0} in the key store")]
+    MissingDataKey(KeyId),
+    /// A data key record does not unwrap under the key-encryption key.
+    #[error("data key {0} does not unwrap with the configured key-encryption key")]
+    Unwrap(KeyId, #[source] CryptoError),
+    /// A stored record does not decode.
+    #[error("data key record {0} is corrupt")]
+    Corrupt(KeyId),
+}
+
+/// A wrapped data key as stored.
+#[derive(Serialize, Deserialize)]
+struct WrappedKey {
+    chart_id: ChartId,
+    kek_fingerprint: [u8; 8],
+    wrapped: Vec<u8>,
+}
+
+/// Where the key store keeps its files.
+#[derive(Clone, Debug)]
+pub struct KeyPaths {
+    /// The key-encryption key file.
+    pub kek_file: PathBuf,
+    /// Directory of the node signing key, trusted signers and the data key database.
+    pub dir: PathBuf,
+}
+
+impl KeyPaths {
+    /// Returns the default layout under a data directory: `DATA/keys/`.
+    pub fn under(data_dir: &Path, kek_file: Option<PathBuf>) -> KeyPaths {
+        let dir = data_dir.join("keys");
+        KeyPaths { kek_file: kek_file.unwrap_or_else(|| dir.join("kek.key")), dir }
+    }
+
+    fn signing_key(&self) -> PathBuf {
+        self.dir.join("node-signing.key")
+    }
+
+    fn trusted_signers(&self) -> PathBuf {
+        self.dir.join("trusted-signers")
+    }
+
+    fn data_keys(&self) -> PathBuf {
+        self.dir.join("data-keys")
+    }
+}
+
+/// The key store of one node. Cheap to share behind an `Arc`.
+pub struct KeyStore {
+    kek: SymmetricKey,
+    kek_fingerprint: [u8; 8],
+    signer: NodeSigner,
+    trusted: TrustedSigners,
+    db: rocksdb::DB,
+    db_path: PathBuf,
+    cache: RwLock<HashMap<KeyId, Arc<SymmetricKey>>>,
+    chart_keys: RwLock<HashMap<ChartId, KeyId>>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyStore(signer {})", self.signer.id())
+    }
+}
+
+fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> KeyStoreError {
+    let path = path.to_path_buf();
+    move |source| KeyStoreError::Io { path, action, source }
+}
+
+/// Reads a 32-byte key stored as hex, checking that only the owner can read the file.
+fn read_key_file(path: &Path) -> Result<[u8; 32], KeyStoreError> {
+    let metadata = fs::metadata(path).map_err(io_error(path, "reading metadata"))?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyStoreError::Permissions { path: path.to_path_buf(), mode });
+    }
+    let mut text = fs::read_to_string(path).map_err(io_error(path, "reading"))?;
+    let mut bytes = [0u8; 32];
+    let decoded = hex::decode_to_slice(text.trim(), &mut bytes);
+    text.zeroize();
+    decoded.map_err(|_| KeyStoreError::InvalidKeyFile(path.to_path_buf()))?;
+    Ok(bytes)
+}
+
+/// Creates a key file with fresh random bytes, owner-only, failing if it already exists.
+fn create_key_file(path: &Path) -> Result<[u8; 32], KeyStoreError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_error(parent, "creating directory"))?;
+    }
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let mut text = hex::encode(bytes);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error(path, "creating"))?;
+    let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+    text.zeroize();
+    written.map_err(io_error(path, "writing"))?;
+    Ok(bytes)
+}
+
+/// Loads a key file, or creates it when `create` is set and the file does not exist.
+pub(crate) fn load_or_create(path: &Path, create: bool) -> Result<([u8; 32], bool), KeyStoreError> {
+    if !path.exists() && create {
+        return create_key_file(path).map(|bytes| (bytes, true));
+    }
+    read_key_file(path).map(|bytes| (bytes, false))
+}
+
+impl KeyStore {
+    /// Opens the key store, creating the key files and database on first start when `create`
+    /// is set. Returns the store and the list of files it created.
+    ///
+    /// # Errors
+    ///
+    /// Any [`KeyStoreError`]: unreadable or too widely readable key files, invalid contents,
+    /// or a database that cannot be opened (for example because another server holds it).
+    pub fn open(paths: &KeyPaths, create: bool) -> Result<(KeyStore, Vec<PathBuf>), KeyStoreError> {
+        let mut created = Vec::new();
+        let (mut kek_bytes, kek_new) = load_or_create(&paths.kek_file, create)?;
+        if kek_new {
+            created.push(paths.kek_file.clone());
+        }
+        let kek = SymmetricKey::from_bytes(kek_bytes);
+        let digest = blake3::hash(&kek_bytes);
+        kek_bytes.zeroize();
+        let mut kek_fingerprint = [0u8; 8];
+        kek_fingerprint.copy_from_slice(&digest.as_bytes()[..8]);
+
+        let (mut seed, seed_new) = load_or_create(&paths.signing_key(), create)?;
+        if seed_new {
+            created.push(paths.signing_key());
+        }
+        let signer = NodeSigner::from_seed(&seed);
+        seed.zeroize();
+
+        let trusted = Self::load_trusted(paths, &signer)?;
+
+        let db_path = paths.data_keys();
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(create);
+        let db = rocksdb::DB::open(&options, &db_path)
+            .map_err(|source| KeyStoreError::Database { path: db_path.clone(), source })?;
+
+        let store = KeyStore {
+            kek,
+            kek_fingerprint,
+            signer,
+            trusted,
+            db,
+            db_path,
+            cache: RwLock::new(HashMap::new()),
+            chart_keys: RwLock::new(HashMap::new()),
+        };
+        store.load_chart_index()?;
+        Ok((store, created))
+    }
+
+    /// Opens the key store of a data directory for offline reading (verification and replay)
+    /// while a server may be running on it. Creates nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyStore::open`].
+    pub fn open_read_only(paths: &KeyPaths) -> Result<KeyStore, KeyStoreError> {
+        let mut kek_bytes = read_key_file(&paths.kek_file)?;
+        let kek = SymmetricKey::from_bytes(kek_bytes);
+        let digest = blake3::hash(&kek_bytes);
+        kek_bytes.zeroize();
+        let mut kek_fingerprint = [0u8; 8];
+        kek_fingerprint.copy_from_slice(&digest.as_bytes()[..8]);
+        let mut seed = read_key_file(&paths.signing_key())?;
+        let signer = NodeSigner::from_seed(&seed);
+        seed.zeroize();
+        let trusted = Self::load_trusted(paths, &signer)?;
+        let db_path = paths.data_keys();
+        let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &db_path, false)
+            .map_err(|source| KeyStoreError::Database { path: db_path.clone(), source })?;
+        let store = KeyStore {
+            kek,
+            kek_fingerprint,
+            signer,
+            trusted,
+            db,
+            db_path,
+            cache: RwLock::new(HashMap::new()),
+            chart_keys: RwLock::new(HashMap::new()),
+        };
+        store.load_chart_index()?;
+        Ok(store)
+    }
+
+    /// Loads the trusted signer list, writing it with this node's public key when absent.
+    fn load_trusted(paths: &KeyPaths, signer: &NodeSigner) -> Result<TrustedSigners, KeyStoreError> {
+        let path = paths.trusted_signers();
+        let mut trusted = TrustedSigners::default();
+        trusted.add(&signer.public_key());
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
+                    let mut key = [0u8; 32];
+                    hex::decode_to_slice(line, &mut key)
+                        .map_err(|_| KeyStoreError::InvalidKeyFile(path.clone()))?;
+                    trusted.add(&key).ok_or_else(|| KeyStoreError::InvalidKeyFile(path.clone()))?;
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let line = format!("{}\n", hex::encode(signer.public_key()));
+                // A read-only open may run where the directory is not writable; the node's own
+                // key is trusted in memory either way.
+                let _ = fs::write(&path, line);
+            }
+            Err(error) => return Err(io_error(&path, "reading")(error)),
+        }
+        Ok(trusted)
+    }
+
+    fn load_chart_index(&self) -> Result<(), KeyStoreError> {
+        let mut index = HashMap::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, value) = item
+                .map_err(|source| KeyStoreError::Database { path: self.db_path.clone(), source })?;
+            let key_id = KeyId::from_bytes(key.as_ref().try_into().unwrap_or([0u8; 16]));
+            let record: WrappedKey =
+                postcard::from_bytes(&value).map_err(|_| KeyStoreError::Corrupt(key_id))?;
+            index.insert(record.chart_id, key_id);
+        }
+        *self.chart_keys.write().expect("chart key index lock is not poisoned") = index;
+        Ok(())
+    }
+
+    /// Returns the node's signing key.
+    pub fn signer(&self) -> &NodeSigner {
+        &self.signer
+    }
+
+    /// Returns the public keys whose signatures this node accepts.
+    pub fn trusted_signers(&self) -> &TrustedSigners {
+        &self.trusted
+    }
+
+    /// Returns the id of the node's signing key.
+    pub fn signer_id(&self) -> SignerId {
+        self.signer.id()
+    }
+
+    /// Returns the data key id of a chart, when the chart has one.
+    pub fn chart_key_id(&self, chart_id: ChartId) -> Option<KeyId> {
+        self.chart_keys.read().expect("chart key index lock is not poisoned").get(&chart_id).copied()
+    }
+
+    /// Creates a data key for a new chart, durably stores it wrapped, and returns its id.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::Database`] when the wrapped key cannot be written and synced.
+    pub fn create_data_key(&self, chart_id: ChartId) -> Result<KeyId, KeyStoreError> {
+        let key_id = KeyId::random();
+        let data_key = SymmetricKey::generate();
+        let wrapped = encrypt(&self.kek, &data_key.0, key_id.as_bytes());
+        let record = WrappedKey { chart_id, kek_fingerprint: self.kek_fingerprint, wrapped };
+        let bytes = postcard::to_allocvec(&record).expect("wrapped key record serializes");
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_opt(key_id.as_bytes(), bytes, &options)
+            .map_err(|source| KeyStoreError::Database { path: self.db_path.clone(), source })?;
+        self.cache.write().expect("data key cache lock is not poisoned").insert(key_id, Arc::new(data_key));
+        self.chart_keys.write().expect("chart key index lock is not poisoned").insert(chart_id, key_id);
+        Ok(key_id)
+    }
+
+    /// Returns the unwrapped data key with the given id.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::MissingDataKey`] when no such key exists (for example after the chart
+    /// was crypto-shredded), [`KeyStoreError::Unwrap`] when the key-encryption key is wrong.
+    pub fn data_key(&self, key_id: KeyId) -> Result<Arc<SymmetricKey>, KeyStoreError> {
+        if let Some(key) = self.cache.read().expect("data key cache lock is not poisoned").get(&key_id) {
+            return Ok(key.clone());
+        }
+        let bytes = self
+            .db
+            .get(key_id.as_bytes())
+            .map_err(|source| KeyStoreError::Database { path: self.db_path.clone(), source })?
+            .ok_or(KeyStoreError::MissingDataKey(key_id))?;
+        let record: WrappedKey =
+            postcard::from_bytes(&bytes).map_err(|_| KeyStoreError::Corrupt(key_id))?;
+        let mut raw = decrypt(&self.kek, &record.wrapped, key_id.as_bytes())
+            .map_err(|error| KeyStoreError::Unwrap(key_id, error))?;
+        let mut key_bytes = [0u8; 32];
+        if raw.len() != 32 {
+            raw.zeroize();
+            return Err(KeyStoreError::Corrupt(key_id));
+        }
+        key_bytes.copy_from_slice(&raw);
+        raw.zeroize();
+        let key = Arc::new(SymmetricKey::from_bytes(key_bytes));
+        key_bytes.zeroize();
+        self.cache.write().expect("data key cache lock is not poisoned").insert(key_id, key.clone());
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_open_creates_owner_only_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        let (_store, created) = KeyStore::open(&paths, true).unwrap();
+        assert_eq!(created.len(), 2, "kek and signing key are created: {created:?}");
+        for path in created {
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} has mode {mode:o}", path.display());
+        }
+    }
+
+    #[test]
+    fn data_key_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        let chart = ChartId::random();
+        let plaintext = b"chart payload";
+        let (key_id, sealed) = {
+            let (store, _) = KeyStore::open(&paths, true).unwrap();
+            let key_id = store.create_data_key(chart).unwrap();
+            let sealed = encrypt(&store.data_key(key_id).unwrap(), plaintext, b"");
+            (key_id, sealed)
+        };
+        let (store, created) = KeyStore::open(&paths, true).unwrap();
+        assert!(created.is_empty(), "reopen must not create keys: {created:?}");
+        assert_eq!(store.chart_key_id(chart), Some(key_id));
+        let opened = decrypt(&store.data_key(key_id).unwrap(), &sealed, b"").unwrap();
+        assert_eq!(opened, plaintext);
+    }
+
+    #[test]
+    fn readable_key_file_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        drop(KeyStore::open(&paths, true).unwrap());
+        fs::set_permissions(&paths.kek_file, fs::Permissions::from_mode(0o644)).unwrap();
+        let error = KeyStore::open(&paths, true).unwrap_err();
+        assert!(matches!(error, KeyStoreError::Permissions { mode: 0o644, .. }), "{error}");
+    }
+
+    #[test]
+    fn wrong_kek_cannot_unwrap_data_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        let key_id = {
+            let (store, _) = KeyStore::open(&paths, true).unwrap();
+            store.create_data_key(ChartId::random()).unwrap()
+        };
+        fs::remove_file(&paths.kek_file).unwrap();
+        let (store, _) = KeyStore::open(&paths, true).unwrap();
+        let error = store.data_key(key_id).unwrap_err();
+        assert!(matches!(error, KeyStoreError::Unwrap(..)), "{error}");
+    }
+
+    #[test]
+    fn missing_key_file_without_create_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        let error = KeyStore::open(&paths, false).unwrap_err();
+        assert!(matches!(error, KeyStoreError::Io { .. }), "{error}");
+    }
+}

@@ -1,0 +1,34 @@
+//! Chartlog: an event-sourced clinical record store.
+//!
+//! Every change to a patient's chart becomes an event whose payload is encrypted under the
+//! chart's data key, chained to the chart's previous event by a BLAKE3 digest, signed by the
+//! node's Ed25519 key and appended to the log. Read models are built from the log, and every
+//! read of health data is itself an event.
+//!
+//! Modules, in reading order:
+//!
+//! - [`command`]: commands, the writer's state, and how commands become planned events.
+//! - [`crypto`]: sealing and opening envelopes; the key store.
+//! - [`log`]: the append-only log interface and the embedded RocksDB log.
+//! - [`writer`]: the thread that seals and appends batches of commands (group commit).
+//! - [`projector`]: applies the log to the chart projection.
+//! - [`node`]: opens a data directory and starts the writer and projector.
+//! - [`fhir`]: FHIR R4 validation, compartments and search.
+//! - [`auth`]: bearer tokens and roles.
+//! - [`api`]: the HTTP API.
+//! - [`config`]: settings from flags, environment and file.
+//! - [`verify`]: offline verification of a whole log.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod command;
+pub mod config;
+pub mod crypto;
+pub mod fhir;
+pub mod log;
+pub mod node;
+pub mod projector;
+pub mod verify;
+pub mod writer;

@@ -1,0 +1,74 @@
+//! The log: the ordered, append-only sequence of envelopes that is the record itself.
+//!
+//! [`EventLog`] is the interface every backend implements; [`embedded::EmbeddedLog`] keeps the
+//! log in RocksDB on one machine. A backend stores envelope bytes as they are given, so the same
+//! bytes can move between backends by replaying.
+//!
+//! Invariant: a backend never overwrites or deletes an entry, and acknowledges an append only
+//! once it is durable.
+
+pub mod embedded;
+
+use chartlog_schemas::Envelope;
+use tokio::sync::watch;
+
+pub use embedded::EmbeddedLog;
+
+/// Position of an entry in the log: 0 for the first entry, then counting up without gaps.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct LogPosition(pub u64);
+
+impl std::fmt::Display for LogPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Error from appending to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The log's storage failed; nothing of the batch was appended.
+    #[error("log storage write failed")]
+    Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The log is not reachable; nothing of the batch was appended.
+    #[error("log unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Error from reading the log.
+#[derive(Debug, thiserror::Error)]
+#[error("log read failed at position {position}")]
+pub struct ReadError {
+    /// Where the read started.
+    pub position: LogPosition,
+    /// Cause.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// An append-only log of envelopes.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends a batch atomically and durably: either every envelope is appended, in order,
+    /// and synced, or none is. Returns the position of each envelope. Blocks the calling
+    /// thread; call it from a writer thread, never from the async runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`AppendError`] when the batch could not be made durable; nothing was appended.
+    fn append_batch(&self, envelopes: &[Envelope]) -> Result<Vec<LogPosition>, AppendError>;
+
+    /// Reads up to `max` entries starting at `from`, in log order. Blocks the calling thread.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError`] when the storage cannot be read.
+    fn read_from(
+        &self,
+        from: LogPosition,
+        max: usize,
+    ) -> Result<Vec<(LogPosition, Envelope)>, ReadError>;
+
+    /// Returns a receiver of the position one past the last durable entry; it changes after
+    /// every successful append.
+    fn end_position(&self) -> watch::Receiver<LogPosition>;
+}

@@ -1,0 +1,210 @@
+//! A running Chartlog node: the key store, the log, the writer and the projector, opened from
+//! one data directory.
+//!
+//! Start-up order matters: keys first (so every envelope can be opened), then the log, then the
+//! writer state rebuilt by replaying and checking the whole log, then the projection catches up.
+//! Only after that does the node accept requests.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chartlog_projections::ChartProjection;
+use tokio::sync::watch;
+
+use crate::command::WriterState;
+use crate::crypto::keystore::KeyPaths;
+use crate::crypto::KeyStore;
+use crate::log::{EmbeddedLog, EventLog, LogPosition};
+use crate::projector::{self, ProjectorStatus};
+use crate::writer::Writer;
+
+/// Where a node keeps its files.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The key-encryption key file; defaults to `DATA/keys/kek.key`.
+    pub kek_file: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// Returns the key store's paths.
+    pub fn key_paths(&self) -> KeyPaths {
+        KeyPaths::under(&self.data_dir, self.kek_file.clone())
+    }
+
+    /// Returns the directory of the embedded log.
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("log")
+    }
+
+    /// Returns the directory of the chart projection.
+    pub fn chart_projection_dir(&self) -> PathBuf {
+        self.data_dir.join("projections").join("chart")
+    }
+}
+
+/// A started node.
+pub struct Node {
+    /// Writer handle.
+    pub writer: Writer,
+    /// The chart read model.
+    pub projection: Arc<ChartProjection>,
+    /// Keys.
+    pub keys: Arc<KeyStore>,
+    /// The log.
+    pub log: Arc<dyn EventLog>,
+    /// Projector status.
+    pub projector: watch::Receiver<ProjectorStatus>,
+    shutdown: watch::Sender<bool>,
+    projector_task: Option<tokio::task::JoinHandle<()>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Explains an open failure in terms of the data directory when RocksDB reports its lock.
+fn explain_lock(error: anyhow::Error, data_dir: &Path) -> anyhow::Error {
+    let text = format!("{error:#}");
+    if text.contains("LOCK") || text.contains("lock hold") || text.contains("Resource temporarily unavailable") {
+        anyhow::anyhow!(
+            "data directory {} is in use by another Chartlog process; stop it or choose another --data",
+            data_dir.display()
+        )
+    } else {
+        error
+    }
+}
+
+/// Rebuilds the writer state by checking and decrypting every entry of the log.
+///
+/// # Errors
+///
+/// Fails on the first entry that does not check or decrypt, naming its position.
+pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Result<WriterState> {
+    let mut state = WriterState::default();
+    let mut position = LogPosition(0);
+    loop {
+        let entries = log.read_from(position, 4096).context("reading the log at start-up")?;
+        if entries.is_empty() {
+            break;
+        }
+        for (at, envelope) in &entries {
+            let (header, payload, digest) = projector::open_envelope(keys, *at, envelope)
+                .with_context(|| format!("replaying log entry {at} at start-up"))?;
+            state.replay(&header, &payload, digest);
+            position = LogPosition(at.0 + 1);
+        }
+    }
+    Ok(state)
+}
+
+impl Node {
+    /// Opens or creates the node's data directory and starts the writer and projector on the
+    /// current tokio runtime. Logs where files were created.
+    ///
+    /// # Errors
+    ///
+    /// Fails with a one-line explanation when the directory is in use, a key file is missing
+    /// or unreadable, or the log does not verify.
+    pub async fn open(config: &NodeConfig) -> anyhow::Result<Node> {
+        Self::open_with(config, |log| log).await
+    }
+
+    /// Opens a node like [`Node::open`], letting `wrap` interpose on the embedded log, for
+    /// tests that count or fail appends.
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::open`].
+    pub async fn open_with(
+        config: &NodeConfig,
+        wrap: impl FnOnce(Arc<dyn EventLog>) -> Arc<dyn EventLog>,
+    ) -> anyhow::Result<Node> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+
+        let key_paths = config.key_paths();
+        let (keys, created) = KeyStore::open(&key_paths, true)
+            .map_err(anyhow::Error::from)
+            .map_err(|error| explain_lock(error, &data_dir))?;
+        for path in &created {
+            tracing::info!(path = %path.display(), "created key file");
+        }
+        let keys = Arc::new(keys);
+
+        let log = EmbeddedLog::open(&config.log_dir(), true)
+            .map_err(anyhow::Error::from)
+            .map_err(|error| explain_lock(error, &data_dir))?;
+        let log: Arc<dyn EventLog> = wrap(Arc::new(log));
+
+        let started = Instant::now();
+        let state = {
+            let (log, keys) = (log.clone(), keys.clone());
+            tokio::task::spawn_blocking(move || rebuild_writer_state(log.as_ref(), &keys)).await??
+        };
+        tracing::info!(
+            charts = state.chart_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "writer state rebuilt from the log"
+        );
+
+        let projection = ChartProjection::open(&config.chart_projection_dir())
+            .map_err(anyhow::Error::from)
+            .map_err(|error| explain_lock(error, &data_dir))?;
+        let projection = Arc::new(projection);
+
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        let (writer, writer_thread) = Writer::start(log.clone(), keys.clone(), Arc::new(RwLock::new(state)));
+        let (projector, projector_task) =
+            projector::start(log.clone(), keys.clone(), projection.clone(), shutdown_receiver);
+
+        let node = Node {
+            writer,
+            projection,
+            keys,
+            log,
+            projector,
+            shutdown,
+            projector_task: Some(projector_task),
+            writer_thread: Some(writer_thread),
+        };
+        let end = *node.log.end_position().borrow();
+        node.wait_for_projection(end, Duration::from_secs(600)).await?;
+        Ok(node)
+    }
+
+    /// Waits until the projection has applied every entry before `position`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the projector halted or the wait timed out.
+    pub async fn wait_for_projection(&self, position: LogPosition, timeout: Duration) -> anyhow::Result<()> {
+        let mut status = self.projector.clone();
+        let reached = tokio::time::timeout(
+            timeout,
+            status.wait_for(|status| status.applied >= position.0 || status.halted.is_some()),
+        )
+        .await
+        .context("timed out waiting for the chart projection")?
+        .context("projector stopped")?;
+        if let Some(reason) = &reached.halted {
+            anyhow::bail!("chart projection halted: {reason}");
+        }
+        Ok(())
+    }
+
+    /// Stops the projector and the writer and waits for both.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.projector_task.take() {
+            let _ = task.await;
+        }
+        let writer_thread = self.writer_thread.take();
+        drop(self);
+        if let Some(thread) = writer_thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The projector: a task that follows the log and applies each envelope to the chart
+//! projection, after checking its signature and decrypting its payload.
+//!
+//! It publishes the position it has reached, so a request can wait until its own write is
+//! visible (read-your-writes). An envelope that fails its integrity check stops the projector
+//! at that position rather than being skipped; `/health` then reports the node as degraded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chartlog_projections::{ChartProjection, ProjectedEvent};
+use chartlog_schemas::{Envelope, EventHeader, EventPayload};
+use tokio::sync::watch;
+
+use crate::crypto::{self, KeyStore};
+use crate::log::{EventLog, LogPosition};
+
+/// Number of log entries read and applied in one projection write.
+const APPLY_BATCH: usize = 1024;
+
+/// Error from projecting one entry.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    /// The log could not be read.
+    #[error(transparent)]
+    Read(#[from] crate::log::ReadError),
+    /// An envelope failed its integrity check or did not decrypt.
+    #[error("log entry {position} failed its integrity check")]
+    Integrity {
+        /// Position of the entry.
+        position: LogPosition,
+        /// The failed check.
+        #[source]
+        source: crypto::CryptoError,
+    },
+    /// The data key of an entry is unavailable.
+    #[error("log entry {position} has no usable data key")]
+    Key {
+        /// Position of the entry.
+        position: LogPosition,
+        /// Cause.
+        #[source]
+        source: crypto::KeyStoreError,
+    },
+    /// The projection's storage failed.
+    #[error(transparent)]
+    Projection(#[from] chartlog_projections::ProjectionError),
+}
+
+/// State the projector publishes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProjectorStatus {
+    /// Next log position to apply: every entry before it is in the projection.
+    pub applied: u64,
+    /// Set when the projector stopped on an error it cannot pass.
+    pub halted: Option<String>,
+}
+
+/// Checks and decrypts one envelope.
+///
+/// # Errors
+///
+/// [`ProjectError::Integrity`] or [`ProjectError::Key`].
+pub fn open_envelope(
+    keys: &KeyStore,
+    position: LogPosition,
+    envelope: &Envelope,
+) -> Result<(EventHeader, EventPayload, [u8; 32]), ProjectError> {
+    let checked = crypto::check_envelope(&envelope.0, keys.trusted_signers())
+        .map_err(|source| ProjectError::Integrity { position, source })?;
+    let data_key = keys
+        .data_key(checked.parsed.header.key_id)
+        .map_err(|source| ProjectError::Key { position, source })?;
+    let payload = crypto::open_payload(&checked, &data_key)
+        .map_err(|source| ProjectError::Integrity { position, source })?;
+    Ok((checked.parsed.header.clone(), payload, checked.parsed.digest))
+}
+
+/// Applies the next batch of log entries. Returns the new position, or `None` when the
+/// projection is at the end of the log.
+///
+/// # Errors
+///
+/// Any [`ProjectError`]; the projection then stays at its last good position.
+pub fn apply_next(
+    log: &dyn EventLog,
+    keys: &KeyStore,
+    projection: &ChartProjection,
+) -> Result<Option<u64>, ProjectError> {
+    let from = projection.position()?;
+    let entries = log.read_from(LogPosition(from), APPLY_BATCH)?;
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let mut opened = Vec::with_capacity(entries.len());
+    for (position, envelope) in &entries {
+        let (header, payload, _) = open_envelope(keys, *position, envelope)?;
+        opened.push((*position, header, payload));
+    }
+    let projected: Vec<ProjectedEvent<'_>> = opened
+        .iter()
+        .zip(&entries)
+        .map(|((position, header, payload), (_, envelope))| ProjectedEvent {
+            position: position.0,
+            header,
+            payload,
+            envelope: &envelope.0,
+        })
+        .collect();
+    projection.apply(&projected)?;
+    Ok(Some(projection.position()?))
+}
+
+/// Starts the projector task on the current tokio runtime and returns a receiver of its
+/// status.
+pub fn start(
+    log: Arc<dyn EventLog>,
+    keys: Arc<KeyStore>,
+    projection: Arc<ChartProjection>,
+    mut shutdown: watch::Receiver<bool>,
+) -> (watch::Receiver<ProjectorStatus>, tokio::task::JoinHandle<()>) {
+    let initial = projection.position().unwrap_or(0);
+    let (status, receiver) = watch::channel(ProjectorStatus { applied: initial, halted: None });
+    let handle = tokio::spawn(async move {
+        let mut end = log.end_position();
+        tracing::info!(projection = "chart", position = initial, "projector started");
+        loop {
+            let step = {
+                let (log, keys, projection) = (log.clone(), keys.clone(), projection.clone());
+                tokio::task::spawn_blocking(move || apply_next(log.as_ref(), &keys, &projection)).await
+            };
+            match step {
+                Ok(Ok(Some(position))) => {
+                    status.send_modify(|current| current.applied = position);
+                    continue;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(projection = "chart", error = %error, "projector halted");
+                    status.send_modify(|current| current.halted = Some(error.to_string()));
+                    let _ = shutdown.changed().await;
+                    break;
+                }
+                Err(error) => {
+                    tracing::error!(projection = "chart", error = %error, "projector task failed");
+                    status.send_modify(|current| current.halted = Some("projector task failed".into()));
+                    break;
+                }
+            }
+            tokio::select! {
+                changed = end.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = shutdown.changed() => break,
+                // A periodic check covers appends that a backend does not signal.
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        tracing::info!(projection = "chart", "projector stopped");
+    });
+    (receiver, handle)
+}

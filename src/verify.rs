@@ -1,0 +1,219 @@
+//! Offline verification of a whole log: every envelope's layout, digest and signature, every
+//! chart's sequence numbering, hash chain and timestamps, that every payload decrypts, and that
+//! each chart ends where its recorded head says.
+//!
+//! [`verify_log`] reads the log in position order and keeps, per chart, the last sequence
+//! number, digest and timestamp. It reports problems with the position, chart id and sequence
+//! number involved, never with payload content.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chartlog_schemas::{ChartId, EventSeq, HlcTimestamp, SignerId};
+
+use crate::crypto::{self, KeyStore};
+use crate::log::{EventLog, LogPosition};
+
+/// Most problems listed before verification stops.
+const MAX_PROBLEMS: usize = 20;
+
+/// One integrity problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Log position of the entry, or of the gap.
+    pub position: u64,
+    /// Chart of the entry, when its header could be read.
+    pub chart_id: Option<ChartId>,
+    /// Sequence number of the entry, when its header could be read.
+    pub seq: Option<u64>,
+    /// What failed.
+    pub failure: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "position {}", self.position)?;
+        if let Some(chart_id) = self.chart_id {
+            write!(f, ", chart {chart_id}")?;
+        }
+        if let Some(seq) = self.seq {
+            write!(f, ", sequence {seq}")?;
+        }
+        write!(f, ": {}", self.failure)
+    }
+}
+
+/// Result of verifying a log.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Entries read.
+    pub events: u64,
+    /// Charts seen.
+    pub charts: usize,
+    /// Signing keys seen.
+    pub signers: BTreeSet<String>,
+    /// Earliest timestamp.
+    pub first_timestamp: Option<HlcTimestamp>,
+    /// Latest timestamp.
+    pub last_timestamp: Option<HlcTimestamp>,
+    /// Problems, in log order; empty when the log verifies.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// Returns whether the log verified.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+struct ChartTail {
+    seq: EventSeq,
+    digest: [u8; 32],
+    recorded_at: HlcTimestamp,
+    position: u64,
+}
+
+/// Verifies every entry of `log` with the keys in `keys`. `heads` are the chart heads recorded
+/// with the appends, when the backend keeps them.
+///
+/// # Errors
+///
+/// Fails only when the log cannot be read; integrity problems are in the report.
+pub fn verify_log(
+    log: &dyn EventLog,
+    keys: &KeyStore,
+    heads: Option<&[(ChartId, EventSeq, [u8; 32])]>,
+) -> Result<VerifyReport, crate::log::ReadError> {
+    let mut report = VerifyReport::default();
+    let mut tails: HashMap<ChartId, ChartTail> = HashMap::new();
+    let mut expected_position = 0u64;
+    let mut from = LogPosition(0);
+
+    'read: loop {
+        let entries = log.read_from(from, 4096)?;
+        if entries.is_empty() {
+            break;
+        }
+        for (position, envelope) in &entries {
+            from = LogPosition(position.0 + 1);
+            report.events += 1;
+            if position.0 != expected_position {
+                report.problems.push(Problem {
+                    position: expected_position,
+                    chart_id: None,
+                    seq: None,
+                    failure: format!(
+                        "log entries at positions {expected_position} to {} are missing",
+                        position.0 - 1
+                    ),
+                });
+            }
+            expected_position = position.0 + 1;
+            check_entry(position.0, &envelope.0, keys, &mut tails, &mut report);
+            if report.problems.len() >= MAX_PROBLEMS {
+                break 'read;
+            }
+        }
+    }
+
+    if let Some(heads) = heads {
+        for (chart_id, seq, digest) in heads {
+            let tail = tails.get(chart_id);
+            let matches = tail.is_some_and(|tail| tail.seq == *seq && tail.digest == *digest);
+            if !matches {
+                let (position, found) = tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
+                report.problems.push(Problem {
+                    position,
+                    chart_id: Some(*chart_id),
+                    seq: Some(found),
+                    failure: format!(
+                        "chart ends at sequence {found} but its recorded head is sequence {seq}: events were removed from its end"
+                    ),
+                });
+            }
+        }
+    }
+    report.charts = tails.len();
+    Ok(report)
+}
+
+fn check_entry(
+    position: u64,
+    bytes: &[u8],
+    keys: &KeyStore,
+    tails: &mut HashMap<ChartId, ChartTail>,
+    report: &mut VerifyReport,
+) {
+    let problem = |chart_id, seq, failure: String| Problem { position, chart_id, seq, failure };
+    let parsed = match chartlog_schemas::envelope::parse(bytes) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            report.problems.push(problem(None, None, format!("envelope layout invalid: {error}")));
+            return;
+        }
+    };
+    let header = parsed.header.clone();
+    let chart_id = Some(header.chart_id);
+    let seq = Some(header.seq.0);
+
+    let checked = match crypto::check_envelope(bytes, keys.trusted_signers()) {
+        Ok(checked) => checked,
+        Err(error) => {
+            report.problems.push(problem(chart_id, seq, describe(&error)));
+            return;
+        }
+    };
+    report.signers.insert(signer_text(header.signer));
+
+    match keys.data_key(header.key_id) {
+        Ok(data_key) => {
+            if let Err(error) = crypto::open_payload(&checked, &data_key) {
+                report.problems.push(problem(chart_id, seq, format!("payload does not decrypt: {error}")));
+            }
+        }
+        Err(error) => report.problems.push(problem(chart_id, seq, format!("data key unavailable: {error}"))),
+    }
+
+    let previous = tails.get(&header.chart_id);
+    let expected_seq = previous.map_or(EventSeq::FIRST, |tail| tail.seq.next());
+    if header.seq != expected_seq {
+        report.problems.push(problem(
+            chart_id,
+            seq,
+            format!("expected sequence number {expected_seq} in this chart, found {}", header.seq),
+        ));
+    }
+    let expected_digest = previous.map_or([0u8; 32], |tail| tail.digest);
+    if header.prev_digest != expected_digest {
+        report.problems.push(problem(
+            chart_id,
+            seq,
+            "hash chain broken: previous-digest does not match the chart's preceding event".into(),
+        ));
+    }
+    if let Some(tail) = previous {
+        if header.recorded_at < tail.recorded_at {
+            report.problems.push(problem(chart_id, seq, "timestamp earlier than the chart's preceding event".into()));
+        }
+    }
+
+    report.first_timestamp = Some(report.first_timestamp.map_or(header.recorded_at, |first| first.min(header.recorded_at)));
+    report.last_timestamp = Some(report.last_timestamp.map_or(header.recorded_at, |last| last.max(header.recorded_at)));
+    tails.insert(
+        header.chart_id,
+        ChartTail { seq: header.seq, digest: parsed.digest, recorded_at: header.recorded_at, position },
+    );
+}
+
+fn describe(error: &crypto::CryptoError) -> String {
+    match error {
+        crypto::CryptoError::DigestMismatch => "digest mismatch: the entry's bytes were altered".into(),
+        crypto::CryptoError::BadSignature(signer) => format!("signature by {signer} does not verify"),
+        crypto::CryptoError::UnknownSigner(signer) => format!("signed by untrusted key {signer}"),
+        other => other.to_string(),
+    }
+}
+
+fn signer_text(signer: SignerId) -> String {
+    signer.to_string()
+}

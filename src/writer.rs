@@ -1,0 +1,292 @@
+//! The writer: one thread that turns commands into sealed envelopes and appends them.
+//!
+//! Life of a batch: the thread takes every command waiting in its queue (up to
+//! [`MAX_BATCH_COMMANDS`]), plans each against the [`WriterState`], creates data keys for new
+//! charts, seals the events in order (each chained to its chart's previous digest), appends them
+//! all in one durable write, and only then answers each command. Commands that arrive during the
+//! sync wait for the next batch, so under load many commands share one sync (group commit).
+//! When the append fails, the batch's state changes are undone and every command in it fails.
+
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chartlog_schemas::{EventHeader, EventId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::command::state::UndoJournal;
+use crate::command::{Command, CommandError, OperationResult, WriterState};
+use crate::crypto::{self, KeyStore};
+use crate::log::{AppendError, EventLog, LogPosition};
+
+/// Maximum number of commands sealed and synced together. Large enough that a sync of a few
+/// milliseconds amortizes over thousands of commands per second, small enough that one batch's
+/// encryption and signing stays well under a millisecond per hundred events.
+pub const MAX_BATCH_COMMANDS: usize = 512;
+
+/// Bound of the writer's queue. Callers wait for room beyond it, which pushes back on clients.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+/// Why a submitted command did not take effect.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The command's preconditions failed; nothing was written.
+    #[error(transparent)]
+    Rejected(#[from] CommandError),
+    /// The log did not accept the batch; nothing was written.
+    #[error("log append failed")]
+    Append(#[source] Arc<AppendError>),
+    /// A data key could not be created; nothing was written.
+    #[error("data key creation failed")]
+    KeyStore(#[source] Arc<crypto::KeyStoreError>),
+    /// The writer has stopped.
+    #[error("writer stopped")]
+    Stopped,
+}
+
+/// What a command produced.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    /// Result of each operation.
+    pub results: Vec<OperationResult>,
+    /// Log position one past the command's last event, to wait for in projections. For a
+    /// repeated command id, the end of the log when it was answered.
+    pub end_position: LogPosition,
+}
+
+struct Request {
+    command: Command,
+    reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
+}
+
+/// Handle for submitting commands to the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Request>,
+    state: Arc<RwLock<WriterState>>,
+}
+
+impl Writer {
+    /// Starts the writer thread.
+    pub fn start(
+        log: Arc<dyn EventLog>,
+        keys: Arc<KeyStore>,
+        state: Arc<RwLock<WriterState>>,
+    ) -> (Writer, std::thread::JoinHandle<()>) {
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let thread_state = state.clone();
+        let handle = std::thread::Builder::new()
+            .name("chartlog-writer".into())
+            .spawn(move || run(receiver, log, keys, thread_state))
+            .expect("the operating system can start the writer thread");
+        (Writer { queue, state }, handle)
+    }
+
+    /// Submits a command and waits until it is durable or rejected.
+    ///
+    /// # Errors
+    ///
+    /// [`WriteError`]; in every case nothing of the command was written.
+    pub async fn submit(&self, command: Command) -> Result<WriteOutcome, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(Request { command, reply }).await.map_err(|_| WriteError::Stopped)?;
+        answer.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Returns the writer's state for existence checks. Reads see planned changes of the
+    /// batch in flight; commands re-check their preconditions when planned.
+    pub fn state(&self) -> &Arc<RwLock<WriterState>> {
+        &self.state
+    }
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn run(
+    mut receiver: mpsc::Receiver<Request>,
+    log: Arc<dyn EventLog>,
+    keys: Arc<KeyStore>,
+    state: Arc<RwLock<WriterState>>,
+) {
+    tracing::info!("writer started");
+    let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
+    while let Some(first) = receiver.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH_COMMANDS {
+            match receiver.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        process_batch(&mut batch, log.as_ref(), &keys, &state);
+    }
+    tracing::info!("writer stopped");
+}
+
+struct Accepted {
+    reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
+    results: Vec<OperationResult>,
+    last_event: Option<usize>,
+}
+
+fn process_batch(
+    batch: &mut Vec<Request>,
+    log: &dyn EventLog,
+    keys: &KeyStore,
+    state: &RwLock<WriterState>,
+) {
+    let wall_micros = now_micros();
+    let mut journal = UndoJournal::default();
+    let mut planned = Vec::new();
+    let mut headers_meta = Vec::new();
+    let mut accepted = Vec::with_capacity(batch.len());
+
+    // Plan every command against the state; rejected commands are answered at once.
+    {
+        let mut state = state.write().expect("writer state lock is not poisoned");
+        for request in batch.drain(..) {
+            let command = &request.command;
+            if let Some(results) = command.command_id.and_then(|id| state.command_results(id)) {
+                // A repeated command id takes effect once: answer with the first results.
+                let results = results.clone();
+                accepted.push(Accepted { reply: request.reply, results, last_event: None });
+                continue;
+            }
+            match state.plan(command, wall_micros, &mut journal) {
+                Ok((events, results)) => {
+                    let last_event = if events.is_empty() { None } else { Some(planned.len() + events.len() - 1) };
+                    for event in events {
+                        headers_meta.push((command.actor.clone(), command.purpose_of_use.clone(), command.command_id));
+                        planned.push(event);
+                    }
+                    accepted.push(Accepted { reply: request.reply, results, last_event });
+                }
+                Err(error) => {
+                    let _ = request.reply.send(Err(WriteError::Rejected(error)));
+                }
+            }
+        }
+    }
+    if planned.is_empty() {
+        let end = *log.end_position().borrow();
+        answer_all(accepted, Ok(end), &[]);
+        return;
+    }
+
+    // Seal in order, chaining each event to its chart's previous digest.
+    let sealed = seal_batch(&planned, &headers_meta, keys, state);
+    let envelopes = match sealed {
+        Ok(envelopes) => envelopes,
+        Err(error) => {
+            tracing::error!(error = %error, "data key creation failed; batch rejected");
+            state.write().expect("writer state lock is not poisoned").undo(journal);
+            answer_all(accepted, Err(WriteError::KeyStore(Arc::new(error))), &[]);
+            return;
+        }
+    };
+
+    match log.append_batch(&envelopes.iter().map(|(envelope, _)| envelope.clone()).collect::<Vec<_>>()) {
+        Ok(positions) => {
+            let mut state = state.write().expect("writer state lock is not poisoned");
+            for (event, (_, digest)) in planned.iter().zip(&envelopes) {
+                state.set_chart_digest(event.chart_id, *digest);
+            }
+            drop(state);
+            let end = positions.last().map_or(LogPosition(0), |last| LogPosition(last.0 + 1));
+            answer_all(accepted, Ok(end), &positions);
+        }
+        Err(error) => {
+            tracing::error!(error = %error, events = planned.len(), "log append failed; batch rejected");
+            state.write().expect("writer state lock is not poisoned").undo(journal);
+            answer_all(accepted, Err(WriteError::Append(Arc::new(error))), &[]);
+        }
+    }
+}
+
+fn seal_batch(
+    planned: &[crate::command::PlannedEvent],
+    headers_meta: &[(String, String, Option<chartlog_schemas::CommandId>)],
+    keys: &KeyStore,
+    state: &RwLock<WriterState>,
+) -> Result<Vec<(chartlog_schemas::Envelope, [u8; 32])>, crypto::KeyStoreError> {
+    use std::collections::HashMap;
+
+    let mut heads: HashMap<chartlog_schemas::ChartId, ([u8; 32], chartlog_schemas::KeyId)> = HashMap::new();
+    let mut sealed = Vec::with_capacity(planned.len());
+    for (event, (actor, purpose, command_id)) in planned.iter().zip(headers_meta) {
+        let chart_id = event.chart_id;
+        if !heads.contains_key(&chart_id) {
+            let known = {
+                let state = state.read().expect("writer state lock is not poisoned");
+                state.chart(chart_id).map(|head| (head.digest, head.key_id))
+            };
+            let (digest, key_id) = match known {
+                Some((digest, Some(key_id))) if event.seq.0 > 1 => (digest, key_id),
+                _ => {
+                    let key_id = match keys.chart_key_id(chart_id) {
+                        Some(key_id) => key_id,
+                        None => keys.create_data_key(chart_id)?,
+                    };
+                    state.write().expect("writer state lock is not poisoned").set_chart_key(chart_id, key_id);
+                    let digest = known.map_or([0; 32], |(digest, _)| digest);
+                    (digest, key_id)
+                }
+            };
+            heads.insert(chart_id, (digest, key_id));
+        }
+        let (prev_digest, key_id) = heads[&chart_id];
+        let header = EventHeader {
+            event_id: EventId::random(),
+            chart_id,
+            seq: event.seq,
+            event_type: event.event_type(),
+            schema_version: event.event_type().current_schema_version(),
+            recorded_at: event.recorded_at,
+            actor: actor.clone(),
+            purpose_of_use: purpose.clone(),
+            key_id,
+            signer: keys.signer_id(),
+            prev_digest,
+            command_id: *command_id,
+        };
+        let data_key = keys.data_key(key_id)?;
+        let envelope = crypto::seal_event(&header, &event.payload, &data_key, keys.signer());
+        let digest = digest_of(&envelope);
+        heads.insert(chart_id, (digest, key_id));
+        sealed.push((envelope, digest));
+    }
+    Ok(sealed)
+}
+
+fn digest_of(envelope: &chartlog_schemas::Envelope) -> [u8; 32] {
+    // The envelope was just built by seal_event, so its layout is valid.
+    chartlog_schemas::envelope::parse(&envelope.0)
+        .map(|parsed| parsed.digest)
+        .expect("a freshly sealed envelope parses")
+}
+
+fn answer_all(
+    accepted: Vec<Accepted>,
+    outcome: Result<LogPosition, WriteError>,
+    positions: &[LogPosition],
+) {
+    for command in accepted {
+        let reply = match &outcome {
+            Ok(end) => {
+                let end_position = match command.last_event {
+                    Some(index) => positions.get(index).map_or(*end, |at| LogPosition(at.0 + 1)),
+                    None => *end,
+                };
+                Ok(WriteOutcome { results: command.results, end_position })
+            }
+            Err(WriteError::Append(error)) => Err(WriteError::Append(error.clone())),
+            Err(WriteError::KeyStore(error)) => Err(WriteError::KeyStore(error.clone())),
+            Err(_) => Err(WriteError::Stopped),
+        };
+        let _ = command.reply.send(reply);
+    }
+}

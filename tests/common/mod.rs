@@ -1,0 +1,220 @@
+//! Test harness: a node on a temporary data directory with the real embedded log, the router
+//! built by `chartlog::api::app`, tokens from the development issuer, and a log wrapper that
+//! counts appends and can be made to fail.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use chartlog::api::{self, AppState};
+use chartlog::auth::dev_issuer::{self, DevIssuer};
+use chartlog::auth::{Authenticator, IssuerConfig};
+use chartlog::log::{AppendError, EventLog, LogPosition, ReadError};
+use chartlog::node::{Node, NodeConfig};
+use chartlog_schemas::Envelope;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+/// Base URL the test router pretends to be served at.
+pub const BASE: &str = "http://chartlog.test/fhir";
+
+/// A log wrapper that counts append calls and fails them while `failing` is set.
+pub struct ControlledLog {
+    inner: Arc<dyn EventLog>,
+    pub failing: AtomicBool,
+    pub appends: AtomicUsize,
+}
+
+impl EventLog for ControlledLog {
+    fn append_batch(&self, envelopes: &[Envelope]) -> Result<Vec<LogPosition>, AppendError> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(AppendError::Unavailable("test switched the log off".into()));
+        }
+        self.inner.append_batch(envelopes)
+    }
+
+    fn read_from(&self, from: LogPosition, max: usize) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
+        self.inner.read_from(from, max)
+    }
+
+    fn end_position(&self) -> watch::Receiver<LogPosition> {
+        self.inner.end_position()
+    }
+}
+
+/// A running node and its router.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub node: Node,
+    pub app: Router,
+    pub issuer: DevIssuer,
+    pub log: Arc<ControlledLog>,
+}
+
+impl TestNode {
+    pub async fn start() -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> TestNode {
+        let config = NodeConfig { data_dir: dir.path().to_path_buf(), kek_file: None };
+        let mut controlled = None;
+        let node = Node::open_with(&config, |inner| {
+            let log = Arc::new(ControlledLog { inner, failing: AtomicBool::new(false), appends: AtomicUsize::new(0) });
+            controlled = Some(log.clone());
+            log
+        })
+        .await
+        .unwrap();
+        let key_dir = config.key_paths().dir;
+        let issuer = DevIssuer::open_or_create(&key_dir).unwrap();
+        let jwks = key_dir.join("test-jwks.json");
+        std::fs::write(&jwks, issuer.jwks_json()).unwrap();
+        let authenticator = Authenticator::from_config(&[IssuerConfig {
+            issuer: dev_issuer::ISSUER.into(),
+            audience: dev_issuer::AUDIENCE.into(),
+            jwks_file: Some(jwks),
+            jwks_url: None,
+        }])
+        .unwrap();
+        let state = AppState {
+            writer: node.writer.clone(),
+            projection: node.projection.clone(),
+            keys: node.keys.clone(),
+            log: node.log.clone(),
+            projector: node.projector.clone(),
+            authenticator: Arc::new(authenticator),
+            base_url: BASE.into(),
+        };
+        TestNode { dir, app: api::app(state), node, issuer, log: controlled.unwrap() }
+    }
+
+    /// Stops the node and returns its data directory, to reopen it.
+    pub async fn stop(self) -> tempfile::TempDir {
+        drop(self.app);
+        self.node.shutdown().await;
+        self.dir
+    }
+
+    pub fn token(&self, subject: &str, role: &str) -> String {
+        self.issuer.mint(subject, &[role], Duration::from_secs(600)).unwrap()
+    }
+
+    pub fn physician(&self) -> String {
+        self.token("dr-test", "physician")
+    }
+
+    /// Position one past the last log entry.
+    pub fn log_end(&self) -> u64 {
+        self.node.log.end_position().borrow().0
+    }
+
+    pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if body.is_some() {
+            request = request.header("content-type", "application/fhir+json");
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(body.map_or_else(Body::empty, |text| Body::from(text.to_owned()))).unwrap();
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply { status, headers, text, json }
+    }
+
+    pub async fn get(&self, uri: &str) -> Reply {
+        let token = self.physician();
+        self.call(Method::GET, uri, Some(&token), None, &[]).await
+    }
+
+    pub async fn post(&self, uri: &str, body: &str) -> Reply {
+        let token = self.physician();
+        self.call(Method::POST, uri, Some(&token), Some(body), &[]).await
+    }
+
+    pub async fn put(&self, uri: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let token = self.physician();
+        self.call(Method::PUT, uri, Some(&token), Some(body), headers).await
+    }
+
+    pub async fn delete(&self, uri: &str) -> Reply {
+        let token = self.physician();
+        self.call(Method::DELETE, uri, Some(&token), None, &[]).await
+    }
+
+    /// Creates a resource and returns its server-assigned id.
+    pub async fn create(&self, resource: &Value) -> String {
+        let resource_type = resource["resourceType"].as_str().unwrap();
+        let reply = self.post(&format!("/fhir/{resource_type}"), &resource.to_string()).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "create {resource_type}: {}", reply.text);
+        reply.json["id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A response, with the body parsed when it is JSON.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// The expressions named by an OperationOutcome.
+    pub fn outcome_expressions(&self) -> Vec<String> {
+        self.json["issue"]
+            .as_array()
+            .map(|issues| {
+                issues
+                    .iter()
+                    .flat_map(|issue| issue["expression"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|expression| expression.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+pub fn get_method() -> Method {
+    Method::GET
+}
+
+/// A synthetic patient.
+pub fn patient(family: &str, given: &str, birth_date: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": format!("MRN-{family}-{given}")}],
+        "name": [{"family": family, "given": [given]}],
+        "gender": "female",
+        "birthDate": birth_date,
+    })
+}
+
+/// A synthetic body-weight observation for a patient.
+pub fn weight(patient_id: &str, kilograms: &str, effective: &str) -> Value {
+    let text = format!(
+        r#"{{"resourceType":"Observation","status":"final","category":[{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}}]}}],"code":{{"coding":[{{"system":"http://loinc.org","code":"29463-7","display":"Body Weight"}}]}},"subject":{{"reference":"Patient/{patient_id}"}},"effectiveDateTime":"{effective}","valueQuantity":{{"value":{kilograms},"unit":"kg","system":"http://unitsofmeasure.org","code":"kg"}}}}"#
+    );
+    serde_json::from_str(&text).unwrap()
+}
