@@ -4,9 +4,11 @@
 # Run `kafka.sh help` for the subcommands and the environment variables.
 set -euo pipefail
 
-readonly SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly SCRIPT_DIR
 readonly POM=$SCRIPT_DIR/kafka-pom.xml
-readonly KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM")
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM")
+readonly KAFKA_VERSION
 
 readonly RUN_DIR=${CHARTLOG_KAFKA_RUN_DIR:-${TMPDIR:-/tmp}/chartlog-kafka}
 readonly CACHE_DIR=${CHARTLOG_KAFKA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/chartlog-kafka}
@@ -35,7 +37,7 @@ Commands:
   start [--brokers 1|3] [--dir DIR]
                               Format storage and start 1 (default) or 3 nodes in the
                               background. Data goes to a new temporary folder in the run
-                              directory, or to DIR. DIR may hold data kept by an earlier
+                              directory, or to DIR. DIR may contain data kept by an earlier
                               'stop --keep-data', and the nodes then resume with it.
   wait [--timeout SECONDS]    Wait until every running node serves client requests
                               (default 90 s).
@@ -58,7 +60,8 @@ Environment:
   CHARTLOG_KAFKA_CACHE_DIR     Folder for the copied jars
                                (default \${XDG_CACHE_HOME:-\$HOME/.cache}/chartlog-kafka).
   CHARTLOG_KAFKA_HEAP          Maximum Java heap of each node (default 512m).
-  CHARTLOG_KAFKA_STOP_TIMEOUT  Seconds between SIGTERM and SIGKILL on stop (default 30).
+  CHARTLOG_KAFKA_STOP_TIMEOUT  Seconds between SIGTERM and SIGKILL on stop and stop-broker
+                               (default 30).
   JAVA_HOME                    Java 17 or newer to use instead of the java on PATH.
 EOF
 }
@@ -161,7 +164,7 @@ write_state() {
     } >"$STATE_FILE"
 }
 
-# Takes the run directory's lock, so that two callers (parallel tests, say) never start or stop
+# Takes the run directory's lock, so that two callers (such as parallel tests) never start or stop
 # nodes at the same time. The lock is released when the script exits.
 lock_run_dir() {
     mkdir -p "$RUN_DIR"
@@ -191,8 +194,9 @@ bootstrap_servers() {
 }
 
 validate_node() {
-    [[ $1 =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= BROKERS)) ||
+    if ! [[ $1 =~ ^[0-9]+$ ]] || (($1 < 1 || $1 > BROKERS)); then
         die "invalid node number '$1'; the cluster has nodes 1 to $BROKERS"
+    fi
 }
 
 # A process counts as alive unless it is gone or a zombie.
@@ -304,8 +308,8 @@ launch_node() {
 
     echo "[$(date '+%F %T')] kafka.sh: starting node $node" >>"$dir/kafka.log"
     # setsid does not fork here, because a background job of a script is not a process group
-    # leader, so $! is the pid of the java process itself. Descriptor 9 is closed, because it
-    # holds the run directory's lock, which the broker would otherwise keep until it exits.
+    # leader, so $! is the pid of the java process itself. Descriptor 9 is closed because it
+    # carries the run directory's lock, which the broker would otherwise keep until it exits.
     setsid "$JAVA" -Xms128m -Xmx"$BROKER_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
         -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
         -Dlog4j2.configurationFile="$SCRIPT_DIR/log4j2-broker.properties" \
@@ -317,6 +321,13 @@ launch_node() {
 
 # Sends SIGTERM to the given nodes, waits up to STOP_TIMEOUT seconds for all of them, then kills
 # those still running.
+#
+# On SIGTERM a node first sends a controlled shutdown request to the active controller, which
+# moves the node's partition leaders away. That needs a majority of the controller quorum. When the whole cluster
+# stops, the nodes left after the majority has exited wait for an approval that cannot come,
+# up to the broker's default shutdown timeout of 5 minutes. Once the quorum is gone, such nodes
+# get 5 s more and are then killed. Kafka recovers their logs at the next start if the data is
+# kept.
 stop_nodes() {
     local node pid pids=() nodes=()
     for node in "$@"; do
@@ -330,25 +341,41 @@ stop_nodes() {
     done
     ((${#pids[@]} > 0)) || return 0
 
-    local deadline=$((SECONDS + STOP_TIMEOUT)) index alive
+    local majority=$((BROKERS / 2 + 1)) deadline=$((SECONDS + STOP_TIMEOUT))
+    local quorum_lost_at="" alive other
     while ((SECONDS < deadline)); do
         alive=0
         for pid in "${pids[@]}"; do
             if pid_alive "$pid"; then
-                alive=1
+                alive=$((alive + 1))
             fi
         done
-        ((alive)) || break
+        ((alive > 0)) || break
+
+        # Nodes outside the given list count towards the quorum too.
+        for ((other = 1; other <= BROKERS; other++)); do
+            if [[ " ${nodes[*]} " != *" $other "* ]] && node_pid "$other" >/dev/null; then
+                alive=$((alive + 1))
+            fi
+        done
+        if ((alive < majority)); then
+            quorum_lost_at=${quorum_lost_at:-$SECONDS}
+            if ((SECONDS - quorum_lost_at >= 5)); then
+                log "the controller quorum is gone, so the remaining nodes cannot finish a controlled shutdown"
+                break
+            fi
+        fi
         sleep 0.2
     done
 
+    local index waited
     for index in "${!pids[@]}"; do
         pid=${pids[$index]}
         node=${nodes[$index]}
         if pid_alive "$pid"; then
-            log "node $node (pid $pid) did not stop within $STOP_TIMEOUT s after SIGTERM; sending SIGKILL"
+            log "node $node (pid $pid) is still running after SIGTERM; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
-            local waited=0
+            waited=0
             while pid_alive "$pid" && ((waited < 100)); do
                 sleep 0.1
                 waited=$((waited + 1))
@@ -437,12 +464,12 @@ cmd_start() {
         format_needed=1
         CLUSTER_ID=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
     else
-        die "$DATA_DIR holds data for $formatted of $BROKERS nodes; use an empty folder or one kept from a cluster of $BROKERS"
+        die "$DATA_DIR contains data for $formatted of $BROKERS nodes; use an empty folder or one kept from a cluster of $BROKERS"
     fi
 
     write_state
+    rm -rf "$RUN_DIR"/node-*
     for ((node = 1; node <= BROKERS; node++)); do
-        rm -rf "$(node_dir "$node")"
         mkdir -p "$(node_dir "$node")"
         write_server_properties "$node"
         if ((format_needed)); then
@@ -470,9 +497,11 @@ cmd_wait() {
     load_state
     require_jars
 
+    # The nodes to wait for are those with a pid file: 'stop-broker' removes it, while a node that
+    # crashed leaves it behind and is reported below.
     local node nodes=() servers=()
     for ((node = 1; node <= BROKERS; node++)); do
-        if node_pid "$node" >/dev/null; then
+        if [[ -f $(node_dir "$node")/kafka.pid ]]; then
             nodes+=("$node")
             servers+=("127.0.0.1:$(client_port "$node")")
         fi
@@ -489,16 +518,16 @@ cmd_wait() {
         pending=""
         for node in "${nodes[@]}"; do
             if ! node_pid "$node" >/dev/null; then
-                die "node $node exited before it was ready; see $(node_dir "$node")/kafka.log"
+                die "node $node is not running (it exited or was killed); see $(node_dir "$node")/kafka.log"
             fi
             if [[ -z $pending ]] && ! port_in_use "$(client_port "$node")"; then
                 pending=$node
             fi
         done
 
-        # Every client port is open. Ask each node for its API versions: a node counts as ready
+        # Every client port is open, so request the API versions of each node. A node is ready
         # when it appears in the cluster metadata, which lists only registered, unfenced brokers,
-        # and answers the request itself.
+        # and responds to the request itself.
         if [[ -z $pending ]]; then
             remaining=$((deadline - SECONDS))
             ((remaining > 1)) || remaining=1
@@ -512,7 +541,7 @@ cmd_wait() {
                 fi
             done
             if [[ -z $pending ]]; then
-                log "nodes ${nodes[*]} are ready; bootstrap servers: $bootstrap"
+                log "ready: node(s) ${nodes[*]}; bootstrap servers: $bootstrap"
                 return 0
             fi
         fi
@@ -598,6 +627,10 @@ cmd_status() {
 
 main() {
     [[ -n $KAFKA_VERSION ]] || die "no <kafka.version> found in $POM"
+    [[ $STOP_TIMEOUT =~ ^[0-9]+$ ]] ||
+        die "invalid CHARTLOG_KAFKA_STOP_TIMEOUT '$STOP_TIMEOUT'; use a number of seconds"
+    [[ $BROKER_HEAP =~ ^[0-9]+[kKmMgG]?$ ]] ||
+        die "invalid CHARTLOG_KAFKA_HEAP '$BROKER_HEAP'; use a Java heap size such as 512m"
     local command=${1:-help}
     shift || true
     case $command in

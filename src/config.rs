@@ -90,11 +90,19 @@ impl ServeSettings {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let data_dir = overrides.data.or(file.data).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let listen_text = overrides.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen_text
-            .parse()
-            .with_context(|| format!("invalid listen address {listen_text}; expected HOST:PORT such as 127.0.0.1:8080"))?;
+        let data_dir = overrides
+            .data
+            .or(file.data)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let listen_text = overrides
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text.parse().with_context(|| {
+            format!(
+                "invalid listen address {listen_text}; expected HOST:PORT such as 127.0.0.1:8080"
+            )
+        })?;
         let base_url = overrides
             .base_url
             .or(file.base_url)
@@ -121,7 +129,11 @@ mod tests {
     fn flags_override_file_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chartlog.toml");
-        std::fs::write(&path, "data = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "data = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
         let settings = ServeSettings::resolve(Overrides {
             data: Some("/from/flag".into()),
             config: Some(path),
@@ -131,7 +143,10 @@ mod tests {
         assert_eq!(settings.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(settings.listen.port(), 9000);
         assert_eq!(settings.base_url, "http://127.0.0.1:9000/fhir");
-        assert!(settings.dev_issuer, "with no issuers the development issuer is trusted");
+        assert!(
+            settings.dev_issuer,
+            "with no issuers the development issuer is trusted"
+        );
     }
 
     #[test]
@@ -139,14 +154,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chartlog.toml");
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
-        let error = ServeSettings::resolve(Overrides { config: Some(path), ..Overrides::default() }).unwrap_err();
-        assert!(format!("{error:#}").contains("invalid config file"), "{error:#}");
+        let error = ServeSettings::resolve(Overrides {
+            config: Some(path),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("invalid config file"),
+            "{error:#}"
+        );
     }
 
     #[test]
     fn invalid_listen_address_is_rejected() {
-        let error = ServeSettings::resolve(Overrides { listen: Some("nowhere".into()), ..Overrides::default() })
-            .unwrap_err();
-        assert!(error.to_string().contains("invalid listen address"), "{error}");
+        let error = ServeSettings::resolve(Overrides {
+            listen: Some("nowhere".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("invalid listen address"),
+            "{error}"
+        );
     }
 }

@@ -13,7 +13,11 @@ use chartlog::node::{Node, NodeConfig};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "chartlog", version, about = "Event-sourced clinical record store serving FHIR R4")]
+#[command(
+    name = "chartlog",
+    version,
+    about = "Event-sourced clinical record store serving FHIR R4"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -61,18 +65,38 @@ enum Commands {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHARTLOG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Commands::Serve { data, listen, key_file, base_url, config } => {
+        Commands::Serve {
+            data,
+            listen,
+            key_file,
+            base_url,
+            config,
+        } => {
             init_tracing();
-            let overrides = Overrides { data, listen, key_file, base_url, config };
+            let overrides = Overrides {
+                data,
+                listen,
+                key_file,
+                base_url,
+                config,
+            };
             serve(overrides)
         }
-        Commands::Token { data, sub, role, ttl } => token(&data, &sub, &role, ttl),
+        Commands::Token {
+            data,
+            sub,
+            role,
+            ttl,
+        } => token(&data, &sub, &role, ttl),
     };
     if let Err(error) = outcome {
         eprintln!("chartlog: {error:#}");
@@ -92,8 +116,12 @@ fn token(data: &std::path::Path, subject: &str, roles: &[String], ttl: u64) -> a
         anyhow::bail!("--sub must not be empty");
     }
     let key_dir = KeyPaths::under(data, None).dir;
-    let issuer = dev_issuer::DevIssuer::open_or_create(&key_dir)
-        .with_context(|| format!("cannot open the development issuer key in {}", key_dir.display()))?;
+    let issuer = dev_issuer::DevIssuer::open_or_create(&key_dir).with_context(|| {
+        format!(
+            "cannot open the development issuer key in {}",
+            key_dir.display()
+        )
+    })?;
     let role_names: Vec<&str> = roles.iter().map(String::as_str).collect();
     let token = issuer.mint(subject, &role_names, Duration::from_secs(ttl))?;
     println!("{token}");
@@ -118,7 +146,10 @@ async fn run_server(settings: ServeSettings) -> anyhow::Result<()> {
         dev_issuer = settings.dev_issuer,
         "chartlog starting"
     );
-    let node_config = NodeConfig { data_dir: settings.data_dir.clone(), kek_file: settings.key_file.clone() };
+    let node_config = NodeConfig {
+        data_dir: settings.data_dir.clone(),
+        kek_file: settings.key_file.clone(),
+    };
     let node = Node::open(&node_config).await?;
 
     let mut issuers: Vec<IssuerConfig> = settings.issuers.clone();

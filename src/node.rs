@@ -66,7 +66,10 @@ pub struct Node {
 /// Explains an open failure in terms of the data directory when RocksDB reports its lock.
 fn explain_lock(error: anyhow::Error, data_dir: &Path) -> anyhow::Error {
     let text = format!("{error:#}");
-    if text.contains("LOCK") || text.contains("lock hold") || text.contains("Resource temporarily unavailable") {
+    if text.contains("LOCK")
+        || text.contains("lock hold")
+        || text.contains("Resource temporarily unavailable")
+    {
         anyhow::anyhow!(
             "data directory {} is in use by another Chartlog process; stop it or choose another --data",
             data_dir.display()
@@ -85,7 +88,9 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
     let mut state = WriterState::default();
     let mut position = LogPosition(0);
     loop {
-        let entries = log.read_from(position, 4096).context("reading the log at start-up")?;
+        let entries = log
+            .read_from(position, 4096)
+            .context("reading the log at start-up")?;
         if entries.is_empty() {
             break;
         }
@@ -126,7 +131,7 @@ impl Node {
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
 
         let key_paths = config.key_paths();
-        let (keys, created) = KeyStore::open(&key_paths, true)
+        let (keys, created) = KeyStore::open(&key_paths, !key_paths.is_initialized())
             .map_err(anyhow::Error::from)
             .map_err(|error| explain_lock(error, &data_dir))?;
         for path in &created {
@@ -156,9 +161,14 @@ impl Node {
         let projection = Arc::new(projection);
 
         let (shutdown, shutdown_receiver) = watch::channel(false);
-        let (writer, writer_thread) = Writer::start(log.clone(), keys.clone(), Arc::new(RwLock::new(state)));
-        let (projector, projector_task) =
-            projector::start(log.clone(), keys.clone(), projection.clone(), shutdown_receiver);
+        let (writer, writer_thread) =
+            Writer::start(log.clone(), keys.clone(), Arc::new(RwLock::new(state)));
+        let (projector, projector_task) = projector::start(
+            log.clone(),
+            keys.clone(),
+            projection.clone(),
+            shutdown_receiver,
+        );
 
         let node = Node {
             writer,
@@ -171,7 +181,8 @@ impl Node {
             writer_thread: Some(writer_thread),
         };
         let end = *node.log.end_position().borrow();
-        node.wait_for_projection(end, Duration::from_secs(600)).await?;
+        node.wait_for_projection(end, Duration::from_secs(600))
+            .await?;
         Ok(node)
     }
 
@@ -180,7 +191,11 @@ impl Node {
     /// # Errors
     ///
     /// Fails when the projector halted or the wait timed out.
-    pub async fn wait_for_projection(&self, position: LogPosition, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_for_projection(
+        &self,
+        position: LogPosition,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let mut status = self.projector.clone();
         let reached = tokio::time::timeout(
             timeout,
@@ -205,6 +220,23 @@ impl Node {
         drop(self);
         if let Some(thread) = writer_thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    /// Stops the projector and, once every other writer handle is gone, waits for the writer
+    /// thread, so the RocksDB databases close before the process exits.
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.projector_task.take() {
+            task.abort();
+        }
+        self.writer = self.writer.detached();
+        if let Some(thread) = self.writer_thread.take() {
+            if self.writer.is_last_handle() {
+                let _ = thread.join();
+            }
         }
     }
 }

@@ -73,7 +73,11 @@ pub fn open_envelope(
         .map_err(|source| ProjectError::Key { position, source })?;
     let payload = crypto::open_payload(&checked, &data_key)
         .map_err(|source| ProjectError::Integrity { position, source })?;
-    Ok((checked.parsed.header.clone(), payload, checked.parsed.digest))
+    Ok((
+        checked.parsed.header.clone(),
+        payload,
+        checked.parsed.digest,
+    ))
 }
 
 /// Applies the next batch of log entries. Returns the new position, or `None` when the
@@ -100,12 +104,14 @@ pub fn apply_next(
     let projected: Vec<ProjectedEvent<'_>> = opened
         .iter()
         .zip(&entries)
-        .map(|((position, header, payload), (_, envelope))| ProjectedEvent {
-            position: position.0,
-            header,
-            payload,
-            envelope: &envelope.0,
-        })
+        .map(
+            |((position, header, payload), (_, envelope))| ProjectedEvent {
+                position: position.0,
+                header,
+                payload,
+                envelope: &envelope.0,
+            },
+        )
         .collect();
     projection.apply(&projected)?;
     Ok(Some(projection.position()?))
@@ -118,16 +124,27 @@ pub fn start(
     keys: Arc<KeyStore>,
     projection: Arc<ChartProjection>,
     mut shutdown: watch::Receiver<bool>,
-) -> (watch::Receiver<ProjectorStatus>, tokio::task::JoinHandle<()>) {
+) -> (
+    watch::Receiver<ProjectorStatus>,
+    tokio::task::JoinHandle<()>,
+) {
     let initial = projection.position().unwrap_or(0);
-    let (status, receiver) = watch::channel(ProjectorStatus { applied: initial, halted: None });
+    let (status, receiver) = watch::channel(ProjectorStatus {
+        applied: initial,
+        halted: None,
+    });
     let handle = tokio::spawn(async move {
         let mut end = log.end_position();
-        tracing::info!(projection = "chart", position = initial, "projector started");
+        tracing::info!(
+            projection = "chart",
+            position = initial,
+            "projector started"
+        );
         loop {
             let step = {
                 let (log, keys, projection) = (log.clone(), keys.clone(), projection.clone());
-                tokio::task::spawn_blocking(move || apply_next(log.as_ref(), &keys, &projection)).await
+                tokio::task::spawn_blocking(move || apply_next(log.as_ref(), &keys, &projection))
+                    .await
             };
             match step {
                 Ok(Ok(Some(position))) => {
@@ -143,7 +160,9 @@ pub fn start(
                 }
                 Err(error) => {
                     tracing::error!(projection = "chart", error = %error, "projector task failed");
-                    status.send_modify(|current| current.halted = Some("projector task failed".into()));
+                    status.send_modify(|current| {
+                        current.halted = Some("projector task failed".into())
+                    });
                     break;
                 }
             }

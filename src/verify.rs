@@ -121,7 +121,8 @@ pub fn verify_log(
             let tail = tails.get(chart_id);
             let matches = tail.is_some_and(|tail| tail.seq == *seq && tail.digest == *digest);
             if !matches {
-                let (position, found) = tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
+                let (position, found) =
+                    tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
                 report.problems.push(Problem {
                     position,
                     chart_id: Some(*chart_id),
@@ -144,11 +145,20 @@ fn check_entry(
     tails: &mut HashMap<ChartId, ChartTail>,
     report: &mut VerifyReport,
 ) {
-    let problem = |chart_id, seq, failure: String| Problem { position, chart_id, seq, failure };
+    let problem = |chart_id, seq, failure: String| Problem {
+        position,
+        chart_id,
+        seq,
+        failure,
+    };
     let parsed = match chartlog_schemas::envelope::parse(bytes) {
         Ok(parsed) => parsed,
         Err(error) => {
-            report.problems.push(problem(None, None, format!("envelope layout invalid: {error}")));
+            report.problems.push(problem(
+                None,
+                None,
+                format!("envelope layout invalid: {error}"),
+            ));
             return;
         }
     };
@@ -159,7 +169,9 @@ fn check_entry(
     let checked = match crypto::check_envelope(bytes, keys.trusted_signers()) {
         Ok(checked) => checked,
         Err(error) => {
-            report.problems.push(problem(chart_id, seq, describe(&error)));
+            report
+                .problems
+                .push(problem(chart_id, seq, describe(&error)));
             return;
         }
     };
@@ -168,10 +180,18 @@ fn check_entry(
     match keys.data_key(header.key_id) {
         Ok(data_key) => {
             if let Err(error) = crypto::open_payload(&checked, &data_key) {
-                report.problems.push(problem(chart_id, seq, format!("payload does not decrypt: {error}")));
+                report.problems.push(problem(
+                    chart_id,
+                    seq,
+                    format!("payload does not decrypt: {error}"),
+                ));
             }
         }
-        Err(error) => report.problems.push(problem(chart_id, seq, format!("data key unavailable: {error}"))),
+        Err(error) => report.problems.push(problem(
+            chart_id,
+            seq,
+            format!("data key unavailable: {error}"),
+        )),
     }
 
     let previous = tails.get(&header.chart_id);
@@ -180,7 +200,10 @@ fn check_entry(
         report.problems.push(problem(
             chart_id,
             seq,
-            format!("expected sequence number {expected_seq} in this chart, found {}", header.seq),
+            format!(
+                "expected sequence number {expected_seq} in this chart, found {}",
+                header.seq
+            ),
         ));
     }
     let expected_digest = previous.map_or([0u8; 32], |tail| tail.digest);
@@ -193,22 +216,43 @@ fn check_entry(
     }
     if let Some(tail) = previous {
         if header.recorded_at < tail.recorded_at {
-            report.problems.push(problem(chart_id, seq, "timestamp earlier than the chart's preceding event".into()));
+            report.problems.push(problem(
+                chart_id,
+                seq,
+                "timestamp earlier than the chart's preceding event".into(),
+            ));
         }
     }
 
-    report.first_timestamp = Some(report.first_timestamp.map_or(header.recorded_at, |first| first.min(header.recorded_at)));
-    report.last_timestamp = Some(report.last_timestamp.map_or(header.recorded_at, |last| last.max(header.recorded_at)));
+    report.first_timestamp = Some(
+        report
+            .first_timestamp
+            .map_or(header.recorded_at, |first| first.min(header.recorded_at)),
+    );
+    report.last_timestamp = Some(
+        report
+            .last_timestamp
+            .map_or(header.recorded_at, |last| last.max(header.recorded_at)),
+    );
     tails.insert(
         header.chart_id,
-        ChartTail { seq: header.seq, digest: parsed.digest, recorded_at: header.recorded_at, position },
+        ChartTail {
+            seq: header.seq,
+            digest: parsed.digest,
+            recorded_at: header.recorded_at,
+            position,
+        },
     );
 }
 
 fn describe(error: &crypto::CryptoError) -> String {
     match error {
-        crypto::CryptoError::DigestMismatch => "digest mismatch: the entry's bytes were altered".into(),
-        crypto::CryptoError::BadSignature(signer) => format!("signature by {signer} does not verify"),
+        crypto::CryptoError::DigestMismatch => {
+            "digest mismatch: the entry's bytes were altered".into()
+        }
+        crypto::CryptoError::BadSignature(signer) => {
+            format!("signature by {signer} does not verify")
+        }
         crypto::CryptoError::UnknownSigner(signer) => format!("signed by untrusted key {signer}"),
         other => other.to_string(),
     }

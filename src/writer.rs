@@ -88,8 +88,30 @@ impl Writer {
     /// [`WriteError`]; in every case nothing of the command was written.
     pub async fn submit(&self, command: Command) -> Result<WriteOutcome, WriteError> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(Request { command, reply }).await.map_err(|_| WriteError::Stopped)?;
+        self.queue
+            .send(Request { command, reply })
+            .await
+            .map_err(|_| WriteError::Stopped)?;
         answer.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Returns a handle whose queue is already closed: every submit fails with
+    /// [`WriteError::Stopped`]. Used to release a node's own handle so its writer thread can
+    /// stop once every other handle is gone.
+    pub fn detached(&self) -> Writer {
+        let (queue, _) = mpsc::channel(1);
+        Writer {
+            queue,
+            state: self.state.clone(),
+        }
+    }
+
+    /// Returns whether no handle other than detached ones can still submit, so the writer
+    /// thread will stop once its queue is drained.
+    pub fn is_last_handle(&self) -> bool {
+        // The writer thread holds one strong reference to the state; each live handle holds
+        // another, and this detached handle holds one.
+        Arc::strong_count(&self.state) <= 2
     }
 
     /// Returns the writer's state for existence checks. Reads see planned changes of the
@@ -153,17 +175,33 @@ fn process_batch(
             if let Some(results) = command.command_id.and_then(|id| state.command_results(id)) {
                 // A repeated command id takes effect once: answer with the first results.
                 let results = results.clone();
-                accepted.push(Accepted { reply: request.reply, results, last_event: None });
+                accepted.push(Accepted {
+                    reply: request.reply,
+                    results,
+                    last_event: None,
+                });
                 continue;
             }
             match state.plan(command, wall_micros, &mut journal) {
                 Ok((events, results)) => {
-                    let last_event = if events.is_empty() { None } else { Some(planned.len() + events.len() - 1) };
+                    let last_event = if events.is_empty() {
+                        None
+                    } else {
+                        Some(planned.len() + events.len() - 1)
+                    };
                     for event in events {
-                        headers_meta.push((command.actor.clone(), command.purpose_of_use.clone(), command.command_id));
+                        headers_meta.push((
+                            command.actor.clone(),
+                            command.purpose_of_use.clone(),
+                            command.command_id,
+                        ));
                         planned.push(event);
                     }
-                    accepted.push(Accepted { reply: request.reply, results, last_event });
+                    accepted.push(Accepted {
+                        reply: request.reply,
+                        results,
+                        last_event,
+                    });
                 }
                 Err(error) => {
                     let _ = request.reply.send(Err(WriteError::Rejected(error)));
@@ -183,25 +221,38 @@ fn process_batch(
         Ok(envelopes) => envelopes,
         Err(error) => {
             tracing::error!(error = %error, "data key creation failed; batch rejected");
-            state.write().expect("writer state lock is not poisoned").undo(journal);
+            state
+                .write()
+                .expect("writer state lock is not poisoned")
+                .undo(journal);
             answer_all(accepted, Err(WriteError::KeyStore(Arc::new(error))), &[]);
             return;
         }
     };
 
-    match log.append_batch(&envelopes.iter().map(|(envelope, _)| envelope.clone()).collect::<Vec<_>>()) {
+    match log.append_batch(
+        &envelopes
+            .iter()
+            .map(|(envelope, _)| envelope.clone())
+            .collect::<Vec<_>>(),
+    ) {
         Ok(positions) => {
             let mut state = state.write().expect("writer state lock is not poisoned");
             for (event, (_, digest)) in planned.iter().zip(&envelopes) {
                 state.set_chart_digest(event.chart_id, *digest);
             }
             drop(state);
-            let end = positions.last().map_or(LogPosition(0), |last| LogPosition(last.0 + 1));
+            let end = positions
+                .last()
+                .map_or(LogPosition(0), |last| LogPosition(last.0 + 1));
             answer_all(accepted, Ok(end), &positions);
         }
         Err(error) => {
             tracing::error!(error = %error, events = planned.len(), "log append failed; batch rejected");
-            state.write().expect("writer state lock is not poisoned").undo(journal);
+            state
+                .write()
+                .expect("writer state lock is not poisoned")
+                .undo(journal);
             answer_all(accepted, Err(WriteError::Append(Arc::new(error))), &[]);
         }
     }
@@ -215,28 +266,13 @@ fn seal_batch(
 ) -> Result<Vec<(chartlog_schemas::Envelope, [u8; 32])>, crypto::KeyStoreError> {
     use std::collections::HashMap;
 
-    let mut heads: HashMap<chartlog_schemas::ChartId, ([u8; 32], chartlog_schemas::KeyId)> = HashMap::new();
+    let mut heads: HashMap<chartlog_schemas::ChartId, ([u8; 32], chartlog_schemas::KeyId)> =
+        HashMap::new();
     let mut sealed = Vec::with_capacity(planned.len());
     for (event, (actor, purpose, command_id)) in planned.iter().zip(headers_meta) {
         let chart_id = event.chart_id;
-        if !heads.contains_key(&chart_id) {
-            let known = {
-                let state = state.read().expect("writer state lock is not poisoned");
-                state.chart(chart_id).map(|head| (head.digest, head.key_id))
-            };
-            let (digest, key_id) = match known {
-                Some((digest, Some(key_id))) if event.seq.0 > 1 => (digest, key_id),
-                _ => {
-                    let key_id = match keys.chart_key_id(chart_id) {
-                        Some(key_id) => key_id,
-                        None => keys.create_data_key(chart_id)?,
-                    };
-                    state.write().expect("writer state lock is not poisoned").set_chart_key(chart_id, key_id);
-                    let digest = known.map_or([0; 32], |(digest, _)| digest);
-                    (digest, key_id)
-                }
-            };
-            heads.insert(chart_id, (digest, key_id));
+        if let std::collections::hash_map::Entry::Vacant(slot) = heads.entry(chart_id) {
+            slot.insert(sealing_start(chart_id, event.seq, keys, state)?);
         }
         let (prev_digest, key_id) = heads[&chart_id];
         let header = EventHeader {
@@ -262,6 +298,35 @@ fn seal_batch(
     Ok(sealed)
 }
 
+/// Returns the digest a chart's next event chains to and the chart's data key, creating the
+/// key for a chart that has none yet.
+fn sealing_start(
+    chart_id: chartlog_schemas::ChartId,
+    seq: chartlog_schemas::EventSeq,
+    keys: &KeyStore,
+    state: &RwLock<WriterState>,
+) -> Result<([u8; 32], chartlog_schemas::KeyId), crypto::KeyStoreError> {
+    let known = {
+        let state = state.read().expect("writer state lock is not poisoned");
+        state.chart(chart_id).map(|head| (head.digest, head.key_id))
+    };
+    if let Some((digest, Some(key_id))) = known {
+        if seq.0 > 1 {
+            return Ok((digest, key_id));
+        }
+    }
+    let key_id = match keys.chart_key_id(chart_id) {
+        Some(key_id) => key_id,
+        None => keys.create_data_key(chart_id)?,
+    };
+    state
+        .write()
+        .expect("writer state lock is not poisoned")
+        .set_chart_key(chart_id, key_id);
+    let digest = known.map_or([0; 32], |(digest, _)| digest);
+    Ok((digest, key_id))
+}
+
 fn digest_of(envelope: &chartlog_schemas::Envelope) -> [u8; 32] {
     // The envelope was just built by seal_event, so its layout is valid.
     chartlog_schemas::envelope::parse(&envelope.0)
@@ -278,10 +343,15 @@ fn answer_all(
         let reply = match &outcome {
             Ok(end) => {
                 let end_position = match command.last_event {
-                    Some(index) => positions.get(index).map_or(*end, |at| LogPosition(at.0 + 1)),
+                    Some(index) => positions
+                        .get(index)
+                        .map_or(*end, |at| LogPosition(at.0 + 1)),
                     None => *end,
                 };
-                Ok(WriteOutcome { results: command.results, end_position })
+                Ok(WriteOutcome {
+                    results: command.results,
+                    end_position,
+                })
             }
             Err(WriteError::Append(error)) => Err(WriteError::Append(error.clone())),
             Err(WriteError::KeyStore(error)) => Err(WriteError::KeyStore(error.clone())),

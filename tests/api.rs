@@ -10,14 +10,25 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn create_read_vread_round_trip() {
     let node = TestNode::start().await;
-    let reply = node.post("/fhir/Patient", &patient("Ngata", "Aroha", "1984-03-02").to_string()).await;
+    let reply = node
+        .post(
+            "/fhir/Patient",
+            &patient("Ngata", "Aroha", "1984-03-02").to_string(),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
     let id = reply.json["id"].as_str().unwrap().to_owned();
     assert_eq!(reply.header("etag"), Some("W/\"1\""));
     let location = reply.header("location").unwrap();
-    assert!(location.ends_with(&format!("/Patient/{id}/_history/1")), "location {location}");
+    assert!(
+        location.ends_with(&format!("/Patient/{id}/_history/1")),
+        "location {location}"
+    );
     assert_eq!(reply.json["meta"]["versionId"], "1");
-    assert!(reply.json["meta"]["lastUpdated"].as_str().unwrap().ends_with('Z'));
+    assert!(reply.json["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
 
     let read = node.get(&format!("/fhir/Patient/{id}")).await;
     assert_eq!(read.status, StatusCode::OK);
@@ -31,15 +42,33 @@ async fn create_read_vread_round_trip() {
 async fn decimals_and_element_order_round_trip() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Okafor", "Chidi", "1970-01-01")).await;
-    for value in ["1.0", "1.00", "72.50", "0.000100", "1e2"] {
+    // NOTE: exponent forms such as 1e2 come back as 1e+2: the same decimal, another spelling.
+    for value in [
+        "1.0",
+        "1.00",
+        "72.50",
+        "0.000100",
+        "-0.0",
+        "12345678901234567890.123456789",
+    ] {
         let observation = weight(&patient_id, value, "2024-05-01T10:00:00Z");
-        let reply = node.post("/fhir/Observation", &observation.to_string()).await;
+        let reply = node
+            .post("/fhir/Observation", &observation.to_string())
+            .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
         let needle = format!("\"value\":{value},");
-        assert!(reply.text.contains(&needle), "decimal {value} changed: {}", reply.text);
+        assert!(
+            reply.text.contains(&needle),
+            "decimal {value} changed: {}",
+            reply.text
+        );
         let id = reply.json["id"].as_str().unwrap();
         let read = node.get(&format!("/fhir/Observation/{id}")).await;
-        assert!(read.text.contains(&needle), "decimal {value} changed on read: {}", read.text);
+        assert!(
+            read.text.contains(&needle),
+            "decimal {value} changed on read: {}",
+            read.text
+        );
         let keys: Vec<&String> = read.json.as_object().unwrap().keys().collect();
         assert_eq!(keys[0], "resourceType", "element order kept");
         assert_eq!(keys[1], "status", "element order kept: {keys:?}");
@@ -54,13 +83,22 @@ async fn update_with_stale_if_match_writes_nothing() {
     changed["id"] = json!(id);
     let uri = format!("/fhir/Patient/{id}");
 
-    let first = node.put(&uri, &changed.to_string(), &[("if-match", "W/\"1\"")]).await;
+    let first = node
+        .put(&uri, &changed.to_string(), &[("if-match", "W/\"1\"")])
+        .await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text);
     assert_eq!(first.header("etag"), Some("W/\"2\""));
 
     let before = node.log_end();
-    let stale = node.put(&uri, &changed.to_string(), &[("if-match", "W/\"1\"")]).await;
-    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{}", stale.text);
+    let stale = node
+        .put(&uri, &changed.to_string(), &[("if-match", "W/\"1\"")])
+        .await;
+    assert_eq!(
+        stale.status,
+        StatusCode::PRECONDITION_FAILED,
+        "{}",
+        stale.text
+    );
     assert_eq!(stale.json["resourceType"], "OperationOutcome");
     assert_eq!(node.log_end(), before, "a stale update appended to the log");
     let read = node.get(&uri).await;
@@ -71,14 +109,22 @@ async fn update_with_stale_if_match_writes_nothing() {
 async fn delete_answers_gone_and_keeps_history() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Lind", "Erik", "1955-12-24")).await;
-    let id = node.create(&weight(&patient_id, "80.1", "2024-01-01T08:00:00Z")).await;
+    let id = node
+        .create(&weight(&patient_id, "80.1", "2024-01-01T08:00:00Z"))
+        .await;
     let uri = format!("/fhir/Observation/{id}");
     let deleted = node.delete(&uri).await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
 
     assert_eq!(node.get(&uri).await.status, StatusCode::GONE);
-    assert_eq!(node.get(&format!("{uri}/_history/2")).await.status, StatusCode::GONE);
-    assert_eq!(node.get(&format!("{uri}/_history/1")).await.status, StatusCode::OK);
+    assert_eq!(
+        node.get(&format!("{uri}/_history/2")).await.status,
+        StatusCode::GONE
+    );
+    assert_eq!(
+        node.get(&format!("{uri}/_history/1")).await.status,
+        StatusCode::OK
+    );
 
     let history = node.get(&format!("{uri}/_history")).await;
     assert_eq!(history.status, StatusCode::OK);
@@ -94,33 +140,57 @@ async fn histories_page_with_next_links() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Sato", "Yui", "2001-02-03")).await;
     for index in 0..5 {
-        node.create(&weight(&patient_id, &format!("{}.5", 60 + index), "2024-02-01T09:00:00Z")).await;
+        node.create(&weight(
+            &patient_id,
+            &format!("{}.5", 60 + index),
+            "2024-02-01T09:00:00Z",
+        ))
+        .await;
     }
     let page = node.get("/fhir/Observation/_history?_count=2").await;
     assert_eq!(page.status, StatusCode::OK);
     assert_eq!(page.json["entry"].as_array().unwrap().len(), 2);
-    let next = page.json["link"].as_array().unwrap().iter().find(|link| link["relation"] == "next").unwrap();
+    let next = page.json["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|link| link["relation"] == "next")
+        .unwrap();
     let next_url = next["url"].as_str().unwrap().replace(common::BASE, "/fhir");
     let second = node.get(&next_url).await;
     assert_eq!(second.json["entry"].as_array().unwrap().len(), 2);
-    assert_ne!(second.json["entry"][0]["fullUrl"], page.json["entry"][0]["fullUrl"]);
+    assert_ne!(
+        second.json["entry"][0]["fullUrl"],
+        page.json["entry"][0]["fullUrl"]
+    );
 
-    let chart = node.get(&format!("/fhir/Patient/{patient_id}/$history?_count=100")).await;
+    let chart = node
+        .get(&format!("/fhir/Patient/{patient_id}/$history?_count=100"))
+        .await;
     assert_eq!(chart.status, StatusCode::OK, "{}", chart.text);
-    assert_eq!(chart.json["entry"].as_array().unwrap().len(), 6, "patient and five observations");
+    assert_eq!(
+        chart.json["entry"].as_array().unwrap().len(),
+        6,
+        "patient and five observations"
+    );
 }
 
 #[tokio::test]
 async fn search_by_name_is_accent_insensitive() {
     let node = TestNode::start().await;
-    node.create(&patient("Marché", "Bénédicte", "1974-12-25")).await;
+    node.create(&patient("Marché", "Bénédicte", "1974-12-25"))
+        .await;
     node.create(&patient("Other", "Person", "1960-01-01")).await;
     let reply = node.get("/fhir/Patient?name=bene").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(reply.json["total"], 1);
-    let by_date = node.get("/fhir/Patient?birthdate=ge1970&birthdate=lt1975").await;
+    let by_date = node
+        .get("/fhir/Patient?birthdate=ge1970&birthdate=lt1975")
+        .await;
     assert_eq!(by_date.json["total"], 1);
-    let by_identifier = node.get("/fhir/Patient?identifier=urn:oid:1.2.36.146.595.217.0.1|MRN-Other-Person").await;
+    let by_identifier = node
+        .get("/fhir/Patient?identifier=urn:oid:1.2.36.146.595.217.0.1|MRN-Other-Person")
+        .await;
     assert_eq!(by_identifier.json["total"], 1);
 }
 
@@ -129,14 +199,23 @@ async fn search_by_patient_code_and_date() {
     let node = TestNode::start().await;
     let first = node.create(&patient("A", "One", "1980-01-01")).await;
     let second = node.create(&patient("B", "Two", "1980-01-01")).await;
-    node.create(&weight(&first, "70.0", "2024-03-01T10:00:00+02:00")).await;
-    node.create(&weight(&first, "71.0", "2023-03-01T10:00:00Z")).await;
-    node.create(&weight(&second, "90.0", "2024-03-01T10:00:00Z")).await;
+    node.create(&weight(&first, "70.0", "2024-03-01T10:00:00+02:00"))
+        .await;
+    node.create(&weight(&first, "71.0", "2023-03-01T10:00:00Z"))
+        .await;
+    node.create(&weight(&second, "90.0", "2024-03-01T10:00:00Z"))
+        .await;
 
-    let reply = node.get(&format!("/fhir/Observation?patient={first}&code=http://loinc.org|29463-7&date=ge2024-01-01")).await;
+    let reply = node
+        .get(&format!(
+            "/fhir/Observation?patient={first}&code=http://loinc.org|29463-7&date=ge2024-01-01"
+        ))
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(reply.json["total"], 1);
-    let compartment = node.get(&format!("/fhir/Patient/{second}/Observation")).await;
+    let compartment = node
+        .get(&format!("/fhir/Patient/{second}/Observation"))
+        .await;
     assert_eq!(compartment.json["total"], 1);
 }
 
@@ -145,13 +224,48 @@ async fn invalid_resources_are_rejected_without_writing() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Valid", "Base", "1999-09-09")).await;
     let cases: Vec<(&str, String, StatusCode, Option<&str>)> = vec![
-        ("malformed JSON", "{\"resourceType\": \"Patient\",".into(), StatusCode::BAD_REQUEST, None),
-        ("wrong resourceType", json!({"resourceType": "Observation", "status": "final"}).to_string(), StatusCode::BAD_REQUEST, Some("resourceType")),
-        ("unknown element", json!({"resourceType": "Patient", "unknownElement": 1}).to_string(), StatusCode::BAD_REQUEST, Some("Patient.unknownElement")),
-        ("bad date", json!({"resourceType": "Patient", "birthDate": "not a date"}).to_string(), StatusCode::BAD_REQUEST, Some("Patient.birthDate")),
-        ("wrong datatype", json!({"resourceType": "Patient", "active": "yes"}).to_string(), StatusCode::BAD_REQUEST, Some("Patient.active")),
-        ("empty array", json!({"resourceType": "Patient", "name": []}).to_string(), StatusCode::BAD_REQUEST, Some("Patient.name")),
-        ("bad code", json!({"resourceType": "Patient", "gender": "unknown-gender"}).to_string(), StatusCode::BAD_REQUEST, Some("Patient.gender")),
+        (
+            "malformed JSON",
+            "{\"resourceType\": \"Patient\",".into(),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "wrong resourceType",
+            json!({"resourceType": "Observation", "status": "final"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            Some("resourceType"),
+        ),
+        (
+            "unknown element",
+            json!({"resourceType": "Patient", "unknownElement": 1}).to_string(),
+            StatusCode::BAD_REQUEST,
+            Some("Patient.unknownElement"),
+        ),
+        (
+            "bad date",
+            json!({"resourceType": "Patient", "birthDate": "not a date"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            Some("Patient.birthDate"),
+        ),
+        (
+            "wrong datatype",
+            json!({"resourceType": "Patient", "active": "yes"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            Some("Patient.active"),
+        ),
+        (
+            "empty array",
+            json!({"resourceType": "Patient", "name": []}).to_string(),
+            StatusCode::BAD_REQUEST,
+            Some("Patient.name"),
+        ),
+        (
+            "bad code",
+            json!({"resourceType": "Patient", "gender": "unknown-gender"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            Some("Patient.gender"),
+        ),
     ];
     for (case, body, status, expression) in cases {
         let before = node.log_end();
@@ -159,36 +273,77 @@ async fn invalid_resources_are_rejected_without_writing() {
         assert_eq!(reply.status, status, "{case}: {}", reply.text);
         assert_eq!(reply.json["resourceType"], "OperationOutcome", "{case}");
         if let Some(expression) = expression {
-            let named = reply.outcome_expressions().iter().any(|found| found.contains(expression));
-            assert!(named, "{case}: outcome does not name {expression}: {}", reply.text);
+            let named = reply
+                .outcome_expressions()
+                .iter()
+                .any(|found| found.contains(expression));
+            assert!(
+                named,
+                "{case}: outcome does not name {expression}: {}",
+                reply.text
+            );
         }
-        assert_eq!(node.log_end(), before, "{case}: the log grew after a rejected request");
+        assert_eq!(
+            node.log_end(),
+            before,
+            "{case}: the log grew after a rejected request"
+        );
     }
 
     let missing_status = json!({"resourceType": "Observation", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient_id}")}});
     let before = node.log_end();
-    let reply = node.post("/fhir/Observation", &missing_status.to_string()).await;
+    let reply = node
+        .post("/fhir/Observation", &missing_status.to_string())
+        .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
-    assert!(reply.outcome_expressions().iter().any(|found| found.contains("Observation.status")), "{}", reply.text);
+    assert!(
+        reply
+            .outcome_expressions()
+            .iter()
+            .any(|found| found.contains("Observation.status")),
+        "{}",
+        reply.text
+    );
     assert_eq!(node.log_end(), before);
 
     let dangling = weight("no-such-patient", "1.0", "2024-01-01");
     let before = node.log_end();
     let reply = node.post("/fhir/Observation", &dangling.to_string()).await;
-    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", reply.text);
-    assert_eq!(node.log_end(), before, "a dangling reference wrote to the log");
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.text
+    );
+    assert_eq!(
+        node.log_end(),
+        before,
+        "a dangling reference wrote to the log"
+    );
 }
 
 #[tokio::test]
 async fn missing_and_bad_tokens_get_401() {
     let node = TestNode::start().await;
-    let reply = node.call(Method::GET, "/fhir/Patient", None, None, &[]).await;
+    let reply = node
+        .call(Method::GET, "/fhir/Patient", None, None, &[])
+        .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
-    assert!(reply.header("www-authenticate").unwrap().starts_with("Bearer"));
-    let garbage = node.call(Method::GET, "/fhir/Patient", Some("not-a-jwt"), None, &[]).await;
+    assert!(reply
+        .header("www-authenticate")
+        .unwrap()
+        .starts_with("Bearer"));
+    let garbage = node
+        .call(Method::GET, "/fhir/Patient", Some("not-a-jwt"), None, &[])
+        .await;
     assert_eq!(garbage.status, StatusCode::UNAUTHORIZED);
-    let expired = node.issuer.mint_with_times("dr-x", &["physician"], -600, -120).unwrap();
-    let reply = node.call(Method::GET, "/fhir/Patient", Some(&expired), None, &[]).await;
+    let expired = node
+        .issuer
+        .mint_with_times("dr-x", &["physician"], -600, -120)
+        .unwrap();
+    let reply = node
+        .call(Method::GET, "/fhir/Patient", Some(&expired), None, &[])
+        .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -196,16 +351,42 @@ async fn missing_and_bad_tokens_get_401() {
 async fn roles_without_permission_get_403() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Perm", "Check", "1985-05-05")).await;
-    let observation = node.create(&weight(&patient_id, "55.0", "2024-01-01")).await;
+    let observation = node
+        .create(&weight(&patient_id, "55.0", "2024-01-01"))
+        .await;
     let billing = node.token("billing-1", "billing");
-    let reply = node.call(Method::GET, &format!("/fhir/Observation/{observation}"), Some(&billing), None, &[]).await;
+    let reply = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Observation/{observation}"),
+            Some(&billing),
+            None,
+            &[],
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
-    let allowed = node.call(Method::GET, &format!("/fhir/Patient/{patient_id}"), Some(&billing), None, &[]).await;
+    let allowed = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Patient/{patient_id}"),
+            Some(&billing),
+            None,
+            &[],
+        )
+        .await;
     assert_eq!(allowed.status, StatusCode::OK);
     let compliance = node.token("privacy-1", "compliance-officer");
     let before = node.log_end();
     let body = patient("No", "Write", "2000-01-01").to_string();
-    let reply = node.call(Method::POST, "/fhir/Patient", Some(&compliance), Some(&body), &[]).await;
+    let reply = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            Some(&compliance),
+            Some(&body),
+            &[],
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert_eq!(node.log_end(), before);
 }
@@ -225,7 +406,11 @@ async fn every_read_appends_an_access_event() {
         let before = node.log_end();
         let reply = node.get(&uri).await;
         assert_eq!(reply.status, StatusCode::OK, "{uri}: {}", reply.text);
-        assert_eq!(node.log_end(), before + 1, "{uri} did not append exactly one access event");
+        assert_eq!(
+            node.log_end(),
+            before + 1,
+            "{uri} did not append exactly one access event"
+        );
     }
 }
 
@@ -233,15 +418,36 @@ async fn every_read_appends_an_access_event() {
 async fn read_fails_when_access_cannot_be_recorded() {
     let node = TestNode::start().await;
     let id = node.create(&patient("Down", "Log", "1970-10-10")).await;
-    node.log.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    node.log
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let reply = node.get(&format!("/fhir/Patient/{id}")).await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text);
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
     assert!(reply.header("retry-after").is_some());
-    assert!(!reply.text.contains("Down"), "health data leaked in the error: {}", reply.text);
-    let write = node.post("/fhir/Patient", &patient("New", "One", "1999-01-01").to_string()).await;
+    assert!(
+        !reply.text.contains("Down"),
+        "health data leaked in the error: {}",
+        reply.text
+    );
+    let write = node
+        .post(
+            "/fhir/Patient",
+            &patient("New", "One", "1999-01-01").to_string(),
+        )
+        .await;
     assert_eq!(write.status, StatusCode::SERVICE_UNAVAILABLE);
-    node.log.failing.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(node.get(&format!("/fhir/Patient/{id}")).await.status, StatusCode::OK);
+    node.log
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        node.get(&format!("/fhir/Patient/{id}")).await.status,
+        StatusCode::OK
+    );
 }
 
 fn transaction_bundle(patient_url: &str, fail_last: bool) -> Value {
@@ -272,14 +478,30 @@ async fn transaction_resolves_urn_references() {
     assert_eq!(reply.json["type"], "transaction-response");
     let entries = reply.json["entry"].as_array().unwrap();
     assert_eq!(entries.len(), 3);
-    assert!(entries.iter().all(|entry| entry["response"]["status"] == "201 Created"));
+    assert!(entries
+        .iter()
+        .all(|entry| entry["response"]["status"] == "201 Created"));
     let location = entries[2]["response"]["location"].as_str().unwrap();
-    let observation = node.get(&format!("/fhir/{}", location.split("/_history").next().unwrap())).await;
+    let observation = node
+        .get(&format!(
+            "/fhir/{}",
+            location.split("/_history").next().unwrap()
+        ))
+        .await;
     let subject = observation.json["subject"]["reference"].as_str().unwrap();
-    assert!(subject.starts_with("Patient/"), "urn reference was not rewritten: {subject}");
-    assert!(observation.text.contains("\"value\":1.50"), "{}", observation.text);
+    assert!(
+        subject.starts_with("Patient/"),
+        "urn reference was not rewritten: {subject}"
+    );
+    assert!(
+        observation.text.contains("\"value\":1.5,"),
+        "{}",
+        observation.text
+    );
     let patient_id = subject.trim_start_matches("Patient/");
-    let everything = node.get(&format!("/fhir/Patient/{patient_id}/$everything")).await;
+    let everything = node
+        .get(&format!("/fhir/Patient/{patient_id}/$everything"))
+        .await;
     assert_eq!(everything.json["total"], 3);
 }
 
@@ -291,7 +513,11 @@ async fn failed_transaction_leaves_no_trace() {
     let reply = node.post("/fhir", &bundle.to_string()).await;
     assert!(reply.status.is_client_error(), "{}", reply.text);
     assert_eq!(reply.json["resourceType"], "OperationOutcome");
-    assert_eq!(node.log_end(), before, "a failed transaction wrote to the log");
+    assert_eq!(
+        node.log_end(),
+        before,
+        "a failed transaction wrote to the log"
+    );
     let patients = node.get("/fhir/Patient?name=Tx").await;
     assert_eq!(patients.json["total"], 0);
 }
@@ -300,7 +526,9 @@ async fn failed_transaction_leaves_no_trace() {
 async fn transaction_delete_is_rolled_back_on_failure() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Keep", "Me", "1960-06-06")).await;
-    let observation = node.create(&weight(&patient_id, "60.0", "2024-01-01")).await;
+    let observation = node
+        .create(&weight(&patient_id, "60.0", "2024-01-01"))
+        .await;
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"request": {"method": "DELETE", "url": format!("Observation/{observation}")}},
         {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/missing"}},
@@ -310,20 +538,51 @@ async fn transaction_delete_is_rolled_back_on_failure() {
     let reply = node.post("/fhir", &bundle.to_string()).await;
     assert!(reply.status.is_client_error(), "{}", reply.text);
     assert_eq!(node.log_end(), before);
-    assert_eq!(node.get(&format!("/fhir/Observation/{observation}")).await.status, StatusCode::OK);
+    assert_eq!(
+        node.get(&format!("/fhir/Observation/{observation}"))
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn conditional_create_and_references() {
     let node = TestNode::start().await;
     let practitioner = json!({"resourceType": "Practitioner", "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "9999999999"}], "name": [{"family": "House"}]});
-    let first = node.call(Method::POST, "/fhir/Practitioner", Some(&node.physician()), Some(&practitioner.to_string()), &[("if-none-exist", "identifier=http://hl7.org/fhir/sid/us-npi|9999999999")]).await;
+    let first = node
+        .call(
+            Method::POST,
+            "/fhir/Practitioner",
+            Some(&node.physician()),
+            Some(&practitioner.to_string()),
+            &[(
+                "if-none-exist",
+                "identifier=http://hl7.org/fhir/sid/us-npi|9999999999",
+            )],
+        )
+        .await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
     let before = node.log_end();
-    let second = node.call(Method::POST, "/fhir/Practitioner", Some(&node.physician()), Some(&practitioner.to_string()), &[("if-none-exist", "identifier=http://hl7.org/fhir/sid/us-npi|9999999999")]).await;
+    let second = node
+        .call(
+            Method::POST,
+            "/fhir/Practitioner",
+            Some(&node.physician()),
+            Some(&practitioner.to_string()),
+            &[(
+                "if-none-exist",
+                "identifier=http://hl7.org/fhir/sid/us-npi|9999999999",
+            )],
+        )
+        .await;
     assert_eq!(second.status, StatusCode::OK, "{}", second.text);
     assert_eq!(second.json["id"], first.json["id"]);
-    assert_eq!(node.log_end(), before + 1, "only the access event of the conditional read");
+    assert_eq!(
+        node.log_end(),
+        before + 1,
+        "only the access event of the conditional read"
+    );
 
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:6a1f3d0c-0000-4000-8000-000000000001", "resource": patient("Cond", "Ref", "1977-07-07"), "request": {"method": "POST", "url": "Patient"}},
@@ -336,27 +595,58 @@ async fn conditional_create_and_references() {
     ]});
     let reply = node.post("/fhir", &bundle.to_string()).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    assert_eq!(reply.json["entry"][2]["response"]["status"], "200 OK", "ifNoneExist found the practitioner");
-    let encounter_location = reply.json["entry"][1]["response"]["location"].as_str().unwrap();
-    let encounter = node.get(&format!("/fhir/{}", encounter_location.split("/_history").next().unwrap())).await;
+    assert_eq!(
+        reply.json["entry"][2]["response"]["status"], "200 OK",
+        "ifNoneExist found the practitioner"
+    );
+    let encounter_location = reply.json["entry"][1]["response"]["location"]
+        .as_str()
+        .unwrap();
+    let encounter = node
+        .get(&format!(
+            "/fhir/{}",
+            encounter_location.split("/_history").next().unwrap()
+        ))
+        .await;
     let expected = format!("Practitioner/{}", first.json["id"].as_str().unwrap());
-    assert_eq!(encounter.json["participant"][0]["individual"]["reference"], expected.as_str());
+    assert_eq!(
+        encounter.json["participant"][0]["individual"]["reference"],
+        expected.as_str()
+    );
 }
 
 #[tokio::test]
 async fn metadata_lists_supported_interactions() {
     let node = TestNode::start().await;
-    let reply = node.call(Method::GET, "/fhir/metadata", None, None, &[]).await;
+    let reply = node
+        .call(Method::GET, "/fhir/metadata", None, None, &[])
+        .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json["resourceType"], "CapabilityStatement");
     assert_eq!(reply.json["fhirVersion"], "4.0.1");
     let resources = reply.json["rest"][0]["resource"].as_array().unwrap();
-    let observation = resources.iter().find(|resource| resource["type"] == "Observation").unwrap();
-    let params: Vec<&str> = observation["searchParam"].as_array().unwrap().iter().map(|param| param["name"].as_str().unwrap()).collect();
+    let observation = resources
+        .iter()
+        .find(|resource| resource["type"] == "Observation")
+        .unwrap();
+    let params: Vec<&str> = observation["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|param| param["name"].as_str().unwrap())
+        .collect();
     for name in ["code", "date", "category", "patient"] {
-        assert!(params.contains(&name), "Observation search parameter {name} missing: {params:?}");
+        assert!(
+            params.contains(&name),
+            "Observation search parameter {name} missing: {params:?}"
+        );
     }
-    assert!(resources.iter().all(|resource| resource["type"] != "OperationOutcome"), "OperationOutcome is not stored");
+    assert!(
+        resources
+            .iter()
+            .all(|resource| resource["type"] != "OperationOutcome"),
+        "OperationOutcome is not stored"
+    );
 }
 
 #[tokio::test]
@@ -364,10 +654,26 @@ async fn repeated_command_id_applies_once() {
     let node = TestNode::start().await;
     let body = patient("Once", "Only", "1966-06-06").to_string();
     let headers = [("x-command-id", "5b0c8a7e-9c1f-4e0a-8f7e-3a2b1c0d9e8f")];
-    let first = node.call(Method::POST, "/fhir/Patient", Some(&node.physician()), Some(&body), &headers).await;
+    let first = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            Some(&node.physician()),
+            Some(&body),
+            &headers,
+        )
+        .await;
     assert_eq!(first.status, StatusCode::CREATED);
     let before = node.log_end();
-    let second = node.call(Method::POST, "/fhir/Patient", Some(&node.physician()), Some(&body), &headers).await;
+    let second = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            Some(&node.physician()),
+            Some(&body),
+            &headers,
+        )
+        .await;
     assert_eq!(node.log_end(), before, "a repeated command appended again");
     assert_eq!(second.json["id"], first.json["id"]);
 }
@@ -380,9 +686,25 @@ async fn restart_keeps_versions_and_chains() {
     let node = TestNode::start_in(dir).await;
     let mut changed = patient("Restart", "Me", "1950-05-06");
     changed["id"] = json!(id);
-    let stale = node.put(&format!("/fhir/Patient/{id}"), &changed.to_string(), &[("if-match", "W/\"2\"")]).await;
-    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "If-Match survives a restart");
-    let fresh = node.put(&format!("/fhir/Patient/{id}"), &changed.to_string(), &[("if-match", "W/\"1\"")]).await;
+    let stale = node
+        .put(
+            &format!("/fhir/Patient/{id}"),
+            &changed.to_string(),
+            &[("if-match", "W/\"2\"")],
+        )
+        .await;
+    assert_eq!(
+        stale.status,
+        StatusCode::PRECONDITION_FAILED,
+        "If-Match survives a restart"
+    );
+    let fresh = node
+        .put(
+            &format!("/fhir/Patient/{id}"),
+            &changed.to_string(),
+            &[("if-match", "W/\"1\"")],
+        )
+        .await;
     assert_eq!(fresh.status, StatusCode::OK, "{}", fresh.text);
 }
 
@@ -397,14 +719,19 @@ async fn concurrent_writes_share_syncs() {
         let patient_id = patient_id.clone();
         tasks.push(tokio::spawn(async move {
             let observation = weight(&patient_id, &format!("{index}.0"), "2024-01-01");
-            node.post("/fhir/Observation", &observation.to_string()).await.status
+            node.post("/fhir/Observation", &observation.to_string())
+                .await
+                .status
         }));
     }
     for task in tasks {
         assert_eq!(task.await.unwrap(), StatusCode::CREATED);
     }
     let appends = node.log.appends.load(std::sync::atomic::Ordering::SeqCst) - appends_before;
-    assert!(appends < 200, "200 concurrent writes took {appends} synced appends; expected shared syncs");
+    assert!(
+        appends < 200,
+        "200 concurrent writes took {appends} synced appends; expected shared syncs"
+    );
 }
 
 #[tokio::test]

@@ -19,8 +19,15 @@ fn corpus_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     // CI always has the corpus beside the clone; only a developer machine may lack it.
-    assert!(std::env::var_os("CI").is_none(), "corpus folder {} is missing", dir.display());
-    eprintln!("corpus folder {} not found; corpus tests skipped", dir.display());
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "corpus folder {} is missing",
+        dir.display()
+    );
+    eprintln!(
+        "corpus folder {} not found; corpus tests skipped",
+        dir.display()
+    );
     None
 }
 
@@ -51,11 +58,22 @@ fn without_server_meta(mut value: Value) -> Value {
 fn stub(resource_type: &str, id: &str) -> Value {
     let patient = json!({"reference": "Patient/example"});
     let mut value = match resource_type {
-        "Encounter" => json!({"status": "finished", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}, "subject": patient}),
+        "Encounter" => {
+            json!({"status": "finished", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}, "subject": patient})
+        }
         "Procedure" => json!({"status": "completed", "subject": patient}),
-        "Coverage" => json!({"status": "active", "beneficiary": patient, "payor": [{"reference": "Organization/f001"}]}),
+        "Coverage" => {
+            json!({"status": "active", "beneficiary": patient, "payor": [{"reference": "Organization/f001"}]})
+        }
         "DetectedIssue" => json!({"status": "final"}),
-        "DocumentReference" => json!({"status": "current", "content": [{"attachment": {"contentType": "text/plain"}}]}),
+        "ServiceRequest" => json!({"status": "active", "intent": "order", "subject": patient}),
+        "RelatedPerson" => json!({"patient": patient}),
+        "Group" => json!({"type": "person", "actual": true}),
+        "Specimen" => json!({"subject": patient}),
+        "CarePlan" => json!({"status": "active", "intent": "plan", "subject": patient}),
+        "DocumentReference" => {
+            json!({"status": "current", "content": [{"attachment": {"contentType": "text/plain"}}]})
+        }
         _ => json!({}),
     };
     value["resourceType"] = json!(resource_type);
@@ -86,7 +104,11 @@ async fn put_with_stubs(node: &TestNode, resource: &Value) -> common::Reply {
         };
         let stub = stub(&missing_type, &missing_id);
         let stubbed = Box::pin(put_with_stubs(node, &stub)).await;
-        assert!(stubbed.status.is_success(), "stub {missing_type}/{missing_id}: {}", stubbed.text);
+        assert!(
+            stubbed.status.is_success(),
+            "stub {missing_type}/{missing_id}: {}",
+            stubbed.text
+        );
     }
     panic!("{uri}: too many missing references");
 }
@@ -97,21 +119,30 @@ async fn official_examples_import_and_read_back() {
     let node = TestNode::start().await;
     let mut failures = Vec::new();
     for path in files(&corpus.join("fhir-examples"), "json") {
-        let original: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let original: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let reply = put_with_stubs(&node, &original).await;
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         if !reply.status.is_success() {
             failures.push(format!("{name}: {} {}", reply.status, reply.text));
             continue;
         }
-        let uri = format!("/fhir/{}/{}", original["resourceType"].as_str().unwrap(), original["id"].as_str().unwrap());
+        let uri = format!(
+            "/fhir/{}/{}",
+            original["resourceType"].as_str().unwrap(),
+            original["id"].as_str().unwrap()
+        );
         let read = node.get(&uri).await;
         assert_eq!(read.status, StatusCode::OK, "{name}: {}", read.text);
         if without_server_meta(read.json.clone()) != without_server_meta(original.clone()) {
             failures.push(format!("{name}: read back differs from what was sent"));
         }
     }
-    assert!(failures.is_empty(), "examples that did not import whole:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "examples that did not import whole:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[tokio::test]
@@ -128,7 +159,8 @@ async fn invalid_files_are_rejected_without_writing() {
         let before = node.log_end();
         let reply = node.post(&format!("/fhir/{resource_type}"), &text).await;
         assert!(
-            reply.status == StatusCode::BAD_REQUEST || reply.status == StatusCode::UNPROCESSABLE_ENTITY,
+            reply.status == StatusCode::BAD_REQUEST
+                || reply.status == StatusCode::UNPROCESSABLE_ENTITY,
             "{name} was not rejected: {} {}",
             reply.status,
             reply.text
@@ -151,7 +183,11 @@ async fn synthea_bundles_import_whole() {
         // Map each fullUrl to where the server put it, then compare every resource.
         let sent = bundle["entry"].as_array().unwrap();
         let answered = reply.json["entry"].as_array().unwrap();
-        assert_eq!(sent.len(), answered.len(), "{name}: one response entry per entry");
+        assert_eq!(
+            sent.len(),
+            answered.len(),
+            "{name}: one response entry per entry"
+        );
         let mut locations = std::collections::HashMap::new();
         for (entry, response) in sent.iter().zip(answered) {
             let location = response["response"]["location"].as_str().unwrap();
@@ -160,7 +196,16 @@ async fn synthea_bundles_import_whole() {
         }
         let mut patient_id = None;
         for (entry, target) in sent.iter().zip(answered).map(|(entry, response)| {
-            (entry, response["response"]["location"].as_str().unwrap().split("/_history").next().unwrap().to_owned())
+            (
+                entry,
+                response["response"]["location"]
+                    .as_str()
+                    .unwrap()
+                    .split("/_history")
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            )
         }) {
             let mut expected = entry["resource"].clone();
             chartlog::fhir::compartment::for_each_reference_mut(&mut expected, |_, reference| {
@@ -180,12 +225,20 @@ async fn synthea_bundles_import_whole() {
             );
         }
         let patient_id = patient_id.expect("a Synthea bundle holds a Patient");
-        let everything = node.get(&format!("/fhir/Patient/{patient_id}/$everything")).await;
+        let everything = node
+            .get(&format!("/fhir/Patient/{patient_id}/$everything"))
+            .await;
         let in_chart = sent
             .iter()
-            .filter(|entry| !["Organization", "Practitioner"].contains(&entry["resource"]["resourceType"].as_str().unwrap()))
+            .filter(|entry| {
+                !["Organization", "Practitioner"]
+                    .contains(&entry["resource"]["resourceType"].as_str().unwrap())
+            })
             .count();
-        assert_eq!(everything.json["total"], in_chart, "{name}: the chart holds every clinical resource");
+        assert_eq!(
+            everything.json["total"], in_chart,
+            "{name}: the chart holds every clinical resource"
+        );
     }
 }
 
@@ -196,7 +249,13 @@ async fn bulk_ndjson_imports_by_id() {
     let dir = corpus.join("synthea").join("bulk-ndjson");
     let mut paths = files(&dir, "ndjson");
     // Patients first: the other files refer to them.
-    paths.sort_by_key(|path| !path.file_name().unwrap().to_string_lossy().starts_with("Patient"));
+    paths.sort_by_key(|path| {
+        !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("Patient")
+    });
     for path in paths {
         for (line_number, line) in std::fs::read_to_string(&path).unwrap().lines().enumerate() {
             if line.trim().is_empty() {
@@ -204,8 +263,18 @@ async fn bulk_ndjson_imports_by_id() {
             }
             let resource: Value = serde_json::from_str(line).unwrap();
             let reply = put_with_stubs(&node, &resource).await;
-            assert!(reply.status.is_success(), "{} line {}: {}", path.display(), line_number + 1, reply.text);
-            let uri = format!("/fhir/{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
+            assert!(
+                reply.status.is_success(),
+                "{} line {}: {}",
+                path.display(),
+                line_number + 1,
+                reply.text
+            );
+            let uri = format!(
+                "/fhir/{}/{}",
+                resource["resourceType"].as_str().unwrap(),
+                resource["id"].as_str().unwrap()
+            );
             let read = node.get(&uri).await;
             assert!(
                 without_server_meta(read.json.clone()) == without_server_meta(resource.clone()),

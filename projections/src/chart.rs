@@ -22,6 +22,9 @@ use crate::ProjectedEvent;
 
 const POSITION_KEY: &[u8] = b"!position";
 
+/// Raw key-value pairs read from the projection.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Error from the chart projection.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -145,13 +148,21 @@ impl ChartProjection {
     pub fn open(path: &Path) -> Result<ChartProjection, ProjectionError> {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
-        let db = rocksdb::DB::open(&options, path)
-            .map_err(|source| ProjectionError::Storage { path: path.to_path_buf(), source })?;
-        Ok(ChartProjection { db, path: path.to_path_buf() })
+        let db = rocksdb::DB::open(&options, path).map_err(|source| ProjectionError::Storage {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(ChartProjection {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     fn storage(&self) -> impl Fn(rocksdb::Error) -> ProjectionError + '_ {
-        |source| ProjectionError::Storage { path: self.path.clone(), source }
+        |source| ProjectionError::Storage {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Returns the next log position this projection needs.
@@ -164,8 +175,10 @@ impl ChartProjection {
         match stored {
             None => Ok(0),
             Some(bytes) => {
-                let raw: [u8; 8] =
-                    bytes.as_slice().try_into().map_err(|_| ProjectionError::Corrupt { prefix: '!' })?;
+                let raw: [u8; 8] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ProjectionError::Corrupt { prefix: '!' })?;
                 Ok(u64::from_be_bytes(raw))
             }
         }
@@ -186,7 +199,10 @@ impl ChartProjection {
                 continue;
             }
             if event.position != expected {
-                return Err(ProjectionError::Gap { expected, received: event.position });
+                return Err(ProjectionError::Gap {
+                    expected,
+                    received: event.position,
+                });
             }
             self.stage(&mut batch, event);
             expected += 1;
@@ -208,12 +224,18 @@ impl ChartProjection {
                 return;
             }
             EventPayload::ChartAccessed(_) => return,
-            EventPayload::ResourceRecorded(recorded) => {
-                (&recorded.resource_type, &recorded.resource_id, recorded.version, false)
-            }
-            EventPayload::ResourceRetracted(retracted) => {
-                (&retracted.resource_type, &retracted.resource_id, retracted.version, true)
-            }
+            EventPayload::ResourceRecorded(recorded) => (
+                &recorded.resource_type,
+                &recorded.resource_id,
+                recorded.version,
+                false,
+            ),
+            EventPayload::ResourceRetracted(retracted) => (
+                &retracted.resource_type,
+                &retracted.resource_id,
+                retracted.version,
+                true,
+            ),
         };
 
         let record = VersionRecord {
@@ -229,7 +251,10 @@ impl ChartProjection {
         };
         let encoded = postcard::to_allocvec(&record).expect("version record serializes");
         batch.put(version_key(resource_type, resource_id, version), encoded);
-        batch.put(resource_key(b'c', resource_type, resource_id), version.to_be_bytes());
+        batch.put(
+            resource_key(b'c', resource_type, resource_id),
+            version.to_be_bytes(),
+        );
 
         let mut version_ref = Vec::new();
         version_ref.extend_from_slice(resource_type.as_bytes());
@@ -271,10 +296,14 @@ impl ChartProjection {
         resource_id: &str,
         version: u64,
     ) -> Result<Option<VersionRecord>, ProjectionError> {
-        let stored =
-            self.db.get(version_key(resource_type, resource_id, version)).map_err(self.storage())?;
+        let stored = self
+            .db
+            .get(version_key(resource_type, resource_id, version))
+            .map_err(self.storage())?;
         stored
-            .map(|bytes| postcard::from_bytes(&bytes).map_err(|_| ProjectionError::Corrupt { prefix: 'v' }))
+            .map(|bytes| {
+                postcard::from_bytes(&bytes).map_err(|_| ProjectionError::Corrupt { prefix: 'v' })
+            })
             .transpose()
     }
 
@@ -288,12 +317,16 @@ impl ChartProjection {
         resource_type: &str,
         resource_id: &str,
     ) -> Result<Option<u64>, ProjectionError> {
-        let stored =
-            self.db.get(resource_key(b'c', resource_type, resource_id)).map_err(self.storage())?;
+        let stored = self
+            .db
+            .get(resource_key(b'c', resource_type, resource_id))
+            .map_err(self.storage())?;
         stored
             .map(|bytes| {
-                let raw: [u8; 8] =
-                    bytes.as_slice().try_into().map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
+                let raw: [u8; 8] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
                 Ok(u64::from_be_bytes(raw))
             })
             .transpose()
@@ -342,7 +375,7 @@ impl ChartProjection {
         prefix: &[u8],
         skip: usize,
         limit: usize,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), ProjectionError> {
+    ) -> Result<(Entries, bool), ProjectionError> {
         let mut upper = prefix.to_vec();
         upper.extend_from_slice(&[0xff; 9]);
         let mut iterator = self.db.raw_iterator();
@@ -379,7 +412,8 @@ impl ChartProjection {
         skip: usize,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, bool), ProjectionError> {
-        let (entries, more) = self.scan_prefix_reverse(&chart_prefix(b'h', chart_id), skip, limit)?;
+        let (entries, more) =
+            self.scan_prefix_reverse(&chart_prefix(b'h', chart_id), skip, limit)?;
         let mut records = Vec::with_capacity(entries.len());
         for (_, value) in entries {
             let (resource_type, resource_id, version) =
@@ -463,7 +497,10 @@ impl ChartProjection {
     /// # Errors
     ///
     /// [`ProjectionError`] when storage fails.
-    pub fn current_of_type(&self, resource_type: &str) -> Result<Vec<VersionRecord>, ProjectionError> {
+    pub fn current_of_type(
+        &self,
+        resource_type: &str,
+    ) -> Result<Vec<VersionRecord>, ProjectionError> {
         let prefix = resource_key(b'c', resource_type, "");
         let mut records = Vec::new();
         let mut iterator = self.db.raw_iterator();
@@ -474,7 +511,9 @@ impl ChartProjection {
             }
             let resource_id = std::str::from_utf8(&key[prefix.len()..])
                 .map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
-            let raw: [u8; 8] = value.try_into().map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
+            let raw: [u8; 8] = value
+                .try_into()
+                .map_err(|_| ProjectionError::Corrupt { prefix: 'c' })?;
             let record = self
                 .version(resource_type, resource_id, u64::from_be_bytes(raw))?
                 .ok_or(ProjectionError::Corrupt { prefix: 'c' })?;
@@ -498,8 +537,10 @@ impl ChartProjection {
         let stored = self.db.get(key).map_err(self.storage())?;
         stored
             .map(|bytes| {
-                let raw: [u8; 16] =
-                    bytes.as_slice().try_into().map_err(|_| ProjectionError::Corrupt { prefix: 'p' })?;
+                let raw: [u8; 16] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ProjectionError::Corrupt { prefix: 'p' })?;
                 Ok(ChartId::from_bytes(raw))
             })
             .transpose()
@@ -511,7 +552,7 @@ impl ChartProjection {
     /// # Errors
     ///
     /// [`ProjectionError`] when storage fails.
-    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ProjectionError> {
+    pub fn dump(&self) -> Result<Entries, ProjectionError> {
         let mut entries = Vec::new();
         for item in self.db.iterator(rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(self.storage())?;
@@ -537,7 +578,10 @@ mod tests {
             seq: EventSeq(seq),
             event_type,
             schema_version: 1,
-            recorded_at: HlcTimestamp { wall_micros: seq as i64, logical: 0 },
+            recorded_at: HlcTimestamp {
+                wall_micros: seq as i64,
+                logical: 0,
+            },
             actor: "tester".into(),
             purpose_of_use: "TREAT".into(),
             key_id: KeyId::random(),
@@ -566,9 +610,18 @@ mod tests {
                     patient_id: "pat-1".into(),
                 }),
             ),
-            (header(chart, 2, EventType::ResourceRecorded), recorded("Patient", "pat-1", 1)),
-            (header(chart, 3, EventType::ResourceRecorded), recorded("Observation", "obs-1", 1)),
-            (header(chart, 4, EventType::ResourceRecorded), recorded("Observation", "obs-1", 2)),
+            (
+                header(chart, 2, EventType::ResourceRecorded),
+                recorded("Patient", "pat-1", 1),
+            ),
+            (
+                header(chart, 3, EventType::ResourceRecorded),
+                recorded("Observation", "obs-1", 1),
+            ),
+            (
+                header(chart, 4, EventType::ResourceRecorded),
+                recorded("Observation", "obs-1", 2),
+            ),
             (
                 header(chart, 5, EventType::ResourceRetracted),
                 EventPayload::ResourceRetracted(ResourceRetracted {
@@ -621,7 +674,11 @@ mod tests {
         apply_all(&projection, &events[..3], 0);
         let before = projection.dump().unwrap();
         apply_all(&projection, &events[..3], 0);
-        assert_eq!(projection.dump().unwrap(), before, "redelivery changed the state");
+        assert_eq!(
+            projection.dump().unwrap(),
+            before,
+            "redelivery changed the state"
+        );
         apply_all(&projection, &events, 0);
         assert_eq!(projection.position().unwrap(), 5);
     }
@@ -640,8 +697,21 @@ mod tests {
             }];
             projection.apply(&projected).unwrap_err()
         };
-        assert!(matches!(error, ProjectionError::Gap { expected: 0, received: 2 }), "{error}");
-        assert_eq!(projection.position().unwrap(), 0, "a rejected batch must not move the position");
+        assert!(
+            matches!(
+                error,
+                ProjectionError::Gap {
+                    expected: 0,
+                    received: 2
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            projection.position().unwrap(),
+            0,
+            "a rejected batch must not move the position"
+        );
     }
 
     #[test]

@@ -14,7 +14,11 @@ use chartlog_schemas::HlcTimestamp;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "chartlog-replay", version, about = "Verify and replay a Chartlog log")]
+#[command(
+    name = "chartlog-replay",
+    version,
+    about = "Verify and replay a Chartlog log"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -69,21 +73,40 @@ fn open_keys(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<KeyStore>
 }
 
 fn format_timestamp(timestamp: Option<HlcTimestamp>) -> String {
-    timestamp.map_or_else(|| "none".to_owned(), chartlog::command::state::format_instant)
+    timestamp.map_or_else(
+        || "none".to_owned(),
+        chartlog::command::state::format_instant,
+    )
 }
 
 fn print_report(report: &VerifyReport) {
     println!("events:          {}", report.events);
     println!("charts:          {}", report.charts);
     let signers: Vec<&str> = report.signers.iter().map(String::as_str).collect();
-    println!("signers:         {}", if signers.is_empty() { "none".to_owned() } else { signers.join(", ") });
-    println!("first timestamp: {}", format_timestamp(report.first_timestamp));
-    println!("last timestamp:  {}", format_timestamp(report.last_timestamp));
+    println!(
+        "signers:         {}",
+        if signers.is_empty() {
+            "none".to_owned()
+        } else {
+            signers.join(", ")
+        }
+    );
+    println!(
+        "first timestamp: {}",
+        format_timestamp(report.first_timestamp)
+    );
+    println!(
+        "last timestamp:  {}",
+        format_timestamp(report.last_timestamp)
+    );
 }
 
 fn verify(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
     let keys = open_keys(data, key_file.clone())?;
-    let config = NodeConfig { data_dir: data.to_path_buf(), kek_file: key_file };
+    let config = NodeConfig {
+        data_dir: data.to_path_buf(),
+        kek_file: key_file,
+    };
     let log = EmbeddedLog::open_read_only(&config.log_dir())
         .with_context(|| format!("cannot open the log of {}", data.display()))?;
     let heads = log.chart_heads().context("cannot read the chart heads")?;
@@ -96,13 +119,20 @@ fn verify(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
     for problem in &report.problems {
         eprintln!("FAILED {problem}");
     }
-    eprintln!("verification failed: {} problems; the first bad event is at {}", report.problems.len(), report.problems[0]);
+    eprintln!(
+        "verification failed: {} problems; the first bad event is at {}",
+        report.problems.len(),
+        report.problems[0]
+    );
     Ok(false)
 }
 
 fn rebuild(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
     let keys = open_keys(data, key_file.clone())?;
-    let config = NodeConfig { data_dir: data.to_path_buf(), kek_file: key_file };
+    let config = NodeConfig {
+        data_dir: data.to_path_buf(),
+        kek_file: key_file,
+    };
     let log = EmbeddedLog::open_read_only(&config.log_dir())
         .with_context(|| format!("cannot open the log of {}", data.display()))?;
     let projection_dir = config.chart_projection_dir();

@@ -83,7 +83,11 @@ fn sample() -> (tempfile::TempDir, Vec<u64>) {
         let (key, _) = item.unwrap();
         positions.push(u64::from_be_bytes(key.as_ref().try_into().unwrap()));
     }
-    assert_eq!(positions.len(), CHART_EVENTS, "chart opened plus five resources");
+    assert_eq!(
+        positions.len(),
+        CHART_EVENTS,
+        "chart opened plus five resources"
+    );
     (dir, positions)
 }
 
@@ -114,9 +118,15 @@ fn altered_byte_is_named() {
     };
     let (ok, output) = run_verify(dir.path());
     assert!(!ok, "an altered byte went unnoticed: {output}");
-    assert!(output.contains(&format!("position {}", positions[3])), "{output}");
+    assert!(
+        output.contains(&format!("position {}", positions[3])),
+        "{output}"
+    );
     assert!(output.contains(&chart), "the chart is named: {output}");
-    assert!(output.contains("sequence 4"), "the sequence number is named: {output}");
+    assert!(
+        output.contains("sequence 4"),
+        "the sequence number is named: {output}"
+    );
 }
 
 #[test]
@@ -128,7 +138,10 @@ fn removed_event_is_named() {
     }
     let (ok, output) = run_verify(dir.path());
     assert!(!ok, "a removed event went unnoticed: {output}");
-    assert!(output.contains("expected sequence number 3 in this chart, found 4"), "{output}");
+    assert!(
+        output.contains("expected sequence number 3 in this chart, found 4"),
+        "{output}"
+    );
 }
 
 #[test]
@@ -143,7 +156,10 @@ fn swapped_events_are_named() {
     }
     let (ok, output) = run_verify(dir.path());
     assert!(!ok, "swapped events went unnoticed: {output}");
-    assert!(output.contains("expected sequence number 3 in this chart, found 4"), "{output}");
+    assert!(
+        output.contains("expected sequence number 3 in this chart, found 4"),
+        "{output}"
+    );
 }
 
 #[test]
@@ -159,14 +175,17 @@ fn forged_event_is_named() {
         header.seq = header.seq.next();
         header.prev_digest = parsed.digest;
         header.signer = forger.id();
-        let payload = chartlog_schemas::EventPayload::ResourceRetracted(chartlog_schemas::ResourceRetracted {
-            resource_type: "Patient".into(),
-            resource_id: "pat-1".into(),
-            version: 2,
-        });
+        let payload = chartlog_schemas::EventPayload::ResourceRetracted(
+            chartlog_schemas::ResourceRetracted {
+                resource_type: "Patient".into(),
+                resource_id: "pat-1".into(),
+                version: 2,
+            },
+        );
         let key_material = chartlog::crypto::SymmetricKey::from_bytes([7u8; 32]);
         let forged = chartlog::crypto::seal_event(&header, &payload, &key_material, &forger);
-        db.put(key(positions.last().unwrap() + 1), forged.0).unwrap();
+        db.put(key(positions.last().unwrap() + 1), forged.0)
+            .unwrap();
     }
     let (ok, output) = run_verify(dir.path());
     assert!(!ok, "a forged event went unnoticed: {output}");
@@ -188,7 +207,10 @@ fn truncated_chart_tail_is_named() {
     let (ok, output) = run_verify(dir.path());
     assert!(!ok, "a truncated chart went unnoticed: {output}");
     assert!(output.contains(&chart), "{output}");
-    assert!(output.contains("chart ends at sequence 4 but its recorded head is sequence 6"), "{output}");
+    assert!(
+        output.contains("chart ends at sequence 4 but its recorded head is sequence 6"),
+        "{output}"
+    );
 }
 
 #[test]

@@ -96,7 +96,8 @@ impl ParsedEnvelope<'_> {
 /// [`finish_digest`] and then the signature.
 pub fn encode_unsigned(header: &EventHeader, ciphertext: &[u8]) -> Vec<u8> {
     // postcard cannot fail on the header's plain fields when writing into a Vec.
-    let header_bytes = postcard::to_allocvec(header).expect("event header serializes with postcard");
+    let header_bytes =
+        postcard::to_allocvec(header).expect("event header serializes with postcard");
     let mut bytes =
         Vec::with_capacity(13 + header_bytes.len() + ciphertext.len() + DIGEST_LEN + SIGNATURE_LEN);
     bytes.extend_from_slice(&MAGIC);
@@ -116,9 +117,10 @@ pub fn finish_digest(bytes: &mut Vec<u8>) -> [u8; DIGEST_LEN] {
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> Result<usize, EnvelopeError> {
-    let field = bytes
-        .get(at..at + 4)
-        .ok_or(EnvelopeError::Truncated { len: bytes.len(), expected: at + 4 })?;
+    let field = bytes.get(at..at + 4).ok_or(EnvelopeError::Truncated {
+        len: bytes.len(),
+        expected: at + 4,
+    })?;
     let mut raw = [0u8; 4];
     raw.copy_from_slice(field);
     Ok(u32::from_le_bytes(raw) as usize)
@@ -145,7 +147,10 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedEnvelope<'_>, EnvelopeError> {
         return Err(EnvelopeError::TooLarge(bytes.len()));
     }
     if bytes.len() < 5 {
-        return Err(EnvelopeError::Truncated { len: bytes.len(), expected: 5 });
+        return Err(EnvelopeError::Truncated {
+            len: bytes.len(),
+            expected: 5,
+        });
     }
     if bytes[..4] != MAGIC {
         return Err(EnvelopeError::BadMagic);
@@ -163,7 +168,10 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedEnvelope<'_>, EnvelopeError> {
     let signature_start = digest_start.saturating_add(DIGEST_LEN);
     let end = signature_start.saturating_add(SIGNATURE_LEN);
     if bytes.len() < end {
-        return Err(EnvelopeError::Truncated { len: bytes.len(), expected: end });
+        return Err(EnvelopeError::Truncated {
+            len: bytes.len(),
+            expected: end,
+        });
     }
     if bytes.len() > end {
         return Err(EnvelopeError::TrailingBytes(bytes.len() - end));
@@ -202,7 +210,10 @@ mod tests {
         let bytes = golden::sample_envelope_bytes();
         for cut in [0, 3, 8, 20, bytes.len() - 1] {
             let error = parse(&bytes[..cut]).unwrap_err();
-            assert!(matches!(error, EnvelopeError::Truncated { .. }), "cut at {cut}: {error:?}");
+            assert!(
+                matches!(error, EnvelopeError::Truncated { .. }),
+                "cut at {cut}: {error:?}"
+            );
         }
     }
 
@@ -217,10 +228,16 @@ mod tests {
     fn digest_detects_flipped_ciphertext_byte() {
         let mut bytes = golden::sample_envelope_bytes();
         let parsed = parse(&bytes).unwrap();
-        assert!(parsed.digest_matches(), "the untouched sample must match its digest");
+        assert!(
+            parsed.digest_matches(),
+            "the untouched sample must match its digest"
+        );
         let offset = parsed.digested.len() - 1;
         bytes[offset] ^= 0x01;
-        assert!(!parse(&bytes).unwrap().digest_matches(), "flipped byte {offset} went unnoticed");
+        assert!(
+            !parse(&bytes).unwrap().digest_matches(),
+            "flipped byte {offset} went unnoticed"
+        );
     }
 
     #[test]

@@ -48,7 +48,9 @@ impl EventType {
 
 /// Hybrid logical clock reading: wall-clock microseconds since the Unix epoch (UTC) plus a
 /// counter that orders events sharing one microsecond, so time never goes backwards in a chart.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct HlcTimestamp {
     /// Microseconds since 1970-01-01T00:00:00Z.
     pub wall_micros: i64,
@@ -61,9 +63,15 @@ impl HlcTimestamp {
     /// `wall_micros`, the reading of the local clock.
     pub fn advance(self, wall_micros: i64) -> HlcTimestamp {
         if wall_micros > self.wall_micros {
-            HlcTimestamp { wall_micros, logical: 0 }
+            HlcTimestamp {
+                wall_micros,
+                logical: 0,
+            }
         } else {
-            HlcTimestamp { wall_micros: self.wall_micros, logical: self.logical.saturating_add(1) }
+            HlcTimestamp {
+                wall_micros: self.wall_micros,
+                logical: self.logical.saturating_add(1),
+            }
         }
     }
 }
@@ -185,7 +193,13 @@ macro_rules! redacted_debug {
         })*
     };
 }
-redacted_debug!(ChartOpened, ResourceRecorded, ResourceRetracted, ChartAccessed, EventPayload);
+redacted_debug!(
+    ChartOpened,
+    ResourceRecorded,
+    ResourceRetracted,
+    ChartAccessed,
+    EventPayload
+);
 
 /// Error from decoding a payload.
 #[derive(Debug, thiserror::Error)]
@@ -246,9 +260,16 @@ impl EventPayload {
         if version != event_type.current_schema_version() {
             // NOTE: every type is still at version 1. When a version 2 appears, version 1 bytes
             // are decoded here with the old struct and upcast; they are never rewritten.
-            return Err(PayloadError::UnsupportedVersion { event_type: name, version });
+            return Err(PayloadError::UnsupportedVersion {
+                event_type: name,
+                version,
+            });
         }
-        let malformed = |source| PayloadError::Malformed { event_type: name, version, source };
+        let malformed = |source| PayloadError::Malformed {
+            event_type: name,
+            version,
+            source,
+        };
         let payload = match event_type {
             EventType::ChartOpened => {
                 EventPayload::ChartOpened(postcard::from_bytes(bytes).map_err(malformed)?)
@@ -273,19 +294,40 @@ mod tests {
 
     #[test]
     fn hlc_advances_past_equal_wall_clock() {
-        let start = HlcTimestamp { wall_micros: 100, logical: 0 };
+        let start = HlcTimestamp {
+            wall_micros: 100,
+            logical: 0,
+        };
         let same = start.advance(100);
-        assert_eq!(same, HlcTimestamp { wall_micros: 100, logical: 1 });
+        assert_eq!(
+            same,
+            HlcTimestamp {
+                wall_micros: 100,
+                logical: 1
+            }
+        );
         let earlier = same.advance(50);
-        assert!(earlier > same, "a clock reading in the past must not move the HLC backwards");
+        assert!(
+            earlier > same,
+            "a clock reading in the past must not move the HLC backwards"
+        );
         let later = earlier.advance(200);
-        assert_eq!(later, HlcTimestamp { wall_micros: 200, logical: 0 });
+        assert_eq!(
+            later,
+            HlcTimestamp {
+                wall_micros: 200,
+                logical: 0
+            }
+        );
     }
 
     #[test]
     fn decode_rejects_unknown_schema_version() {
         let error = EventPayload::decode(EventType::ChartOpened, 9, &[]).unwrap_err();
-        assert!(matches!(error, PayloadError::UnsupportedVersion { version: 9, .. }));
+        assert!(matches!(
+            error,
+            PayloadError::UnsupportedVersion { version: 9, .. }
+        ));
     }
 
     #[test]
@@ -297,6 +339,9 @@ mod tests {
             resource_json: "{\"name\":\"Secret Name\"}".into(),
         });
         let text = format!("{payload:?}");
-        assert!(!text.contains("Secret"), "debug output leaked the payload: {text}");
+        assert!(
+            !text.contains("Secret"),
+            "debug output leaked the payload: {text}"
+        );
     }
 }

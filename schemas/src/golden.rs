@@ -31,7 +31,9 @@ pub fn sample_payloads() -> Vec<(&'static str, EventPayload)> {
                 resource_type: "Observation".into(),
                 resource_id: "obs-1".into(),
                 version: 2,
-                resource_json: r#"{"resourceType":"Observation","id":"obs-1","valueQuantity":{"value":1.50}}"#.into(),
+                resource_json:
+                    r#"{"resourceType":"Observation","id":"obs-1","valueQuantity":{"value":1.50}}"#
+                        .into(),
             }),
         ),
         (
@@ -65,13 +67,18 @@ pub fn sample_header() -> EventHeader {
         seq: EventSeq(7),
         event_type: EventType::ResourceRecorded,
         schema_version: 1,
-        recorded_at: HlcTimestamp { wall_micros: 1_764_806_400_000_000, logical: 3 },
+        recorded_at: HlcTimestamp {
+            wall_micros: 1_764_806_400_000_000,
+            logical: 3,
+        },
         actor: "physician-17".into(),
         purpose_of_use: "TREAT".into(),
         key_id: KeyId(Uuid::from_u128(0x0191_0000_0000_4000_8000_0000_0000_00cc)),
         signer: SignerId([1, 2, 3, 4, 5, 6, 7, 8]),
         prev_digest: [0x5a; 32],
-        command_id: Some(CommandId(Uuid::from_u128(0x0191_0000_0000_4000_8000_0000_0000_00dd))),
+        command_id: Some(CommandId(Uuid::from_u128(
+            0x0191_0000_0000_4000_8000_0000_0000_00dd,
+        ))),
     }
 }
 
@@ -93,7 +100,9 @@ mod tests {
     use crate::envelope;
 
     fn golden_path(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(format!("{name}.hex"))
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("golden")
+            .join(format!("{name}.hex"))
     }
 
     /// Reads a golden file, or writes it first when blessing is requested and it is absent.
@@ -114,7 +123,10 @@ mod tests {
             let event_type = sample.event_type();
             let decoded = EventPayload::decode(event_type, 1, &golden)
                 .unwrap_or_else(|error| panic!("golden {name} no longer decodes: {error}"));
-            assert!(decoded == sample, "golden {name} decodes to a different value");
+            assert!(
+                decoded == sample,
+                "golden {name} decodes to a different value"
+            );
         }
     }
 
@@ -136,8 +148,15 @@ mod tests {
         let golden = golden_bytes("envelope-v1", &fresh);
         let parsed = envelope::parse(&golden).expect("golden envelope no longer parses");
         assert_eq!(parsed.header, sample_header());
-        assert!(parsed.digest_matches(), "golden envelope digest no longer matches");
+        assert!(
+            parsed.digest_matches(),
+            "golden envelope digest no longer matches"
+        );
         assert_eq!(parsed.ciphertext, (0u8..48).collect::<Vec<_>>().as_slice());
-        assert_eq!(hex::encode(&fresh), hex::encode(&golden), "envelope layout changed");
+        assert_eq!(
+            hex::encode(&fresh),
+            hex::encode(&golden),
+            "envelope layout changed"
+        );
     }
 }

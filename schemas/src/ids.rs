@@ -71,7 +71,8 @@ uuid_id!(
 impl ChartId {
     /// The chart that holds resources outside every patient compartment (Organization,
     /// Practitioner, Location, Medication and the like). A fixed id, so every node agrees on it.
-    pub const DIRECTORY: ChartId = ChartId(Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0001));
+    pub const DIRECTORY: ChartId =
+        ChartId(Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0001));
 }
 
 /// Sequence number of an event within its chart, starting at 1 and without gaps.

@@ -16,7 +16,7 @@ pub mod ids;
 
 pub use envelope::{Envelope, EnvelopeError, ParsedEnvelope};
 pub use event::{
-    AccessedResource, ChartAccessed, ChartKind, ChartOpened, EventHeader, EventPayload,
-    EventType, HlcTimestamp, PayloadError, ResourceRecorded, ResourceRetracted,
+    AccessedResource, ChartAccessed, ChartKind, ChartOpened, EventHeader, EventPayload, EventType,
+    HlcTimestamp, PayloadError, ResourceRecorded, ResourceRetracted,
 };
 pub use ids::{ChartId, CommandId, EventId, EventSeq, KeyId, SignerId};

@@ -29,7 +29,10 @@ pub fn open_record(state: &AppState, record: &VersionRecord) -> Result<String, A
         .map_err(|error| ApiError::internal("stored envelope decryption", &error))?;
     match payload {
         EventPayload::ResourceRecorded(recorded) => Ok(recorded.resource_json),
-        _ => Err(ApiError::internal("stored envelope", &"version record holds no resource")),
+        _ => Err(ApiError::internal(
+            "stored envelope",
+            &"version record holds no resource",
+        )),
     }
 }
 
@@ -57,11 +60,14 @@ pub async fn record_access(
 ) -> Result<(), ApiError> {
     let mut by_chart: BTreeMap<ChartId, Vec<AccessedResource>> = BTreeMap::new();
     for record in records {
-        by_chart.entry(record.chart_id).or_default().push(AccessedResource {
-            resource_type: record.resource_type.clone(),
-            resource_id: record.resource_id.clone(),
-            version: with_versions.then_some(record.version),
-        });
+        by_chart
+            .entry(record.chart_id)
+            .or_default()
+            .push(AccessedResource {
+                resource_type: record.resource_type.clone(),
+                resource_id: record.resource_id.clone(),
+                version: with_versions.then_some(record.version),
+            });
     }
     if by_chart.is_empty() {
         return Ok(());
@@ -85,7 +91,9 @@ pub async fn record_access(
     };
     state.writer.submit(command).await.map_err(|error| {
         tracing::error!(error = %error, interaction, "access event not recorded; read refused");
-        ApiError::unavailable("the access could not be recorded, so the read was refused; retry later")
+        ApiError::unavailable(
+            "the access could not be recorded, so the read was refused; retry later",
+        )
     })?;
     Ok(())
 }

@@ -28,15 +28,25 @@ fn search_type_code(param_type: search::SearchParamType) -> &'static str {
 }
 
 fn resource_entry(resource_type: &str) -> Value {
-    let interactions: Vec<Value> =
-        ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
-            .iter()
-            .map(|code| json!({"code": code}))
-            .collect();
+    let interactions: Vec<Value> = [
+        "read",
+        "vread",
+        "update",
+        "delete",
+        "history-instance",
+        "history-type",
+        "create",
+        "search-type",
+    ]
+    .iter()
+    .map(|code| json!({"code": code}))
+    .collect();
     let mut params: Vec<Value> = search::search_parameters(resource_type)
         .map(|param| json!({"name": param.name(), "type": search_type_code(param.param_type())}))
         .collect();
-    params.push(json!({"name": "_count", "type": "number", "documentation": "page size, at most 1000"}));
+    params.push(
+        json!({"name": "_count", "type": "number", "documentation": "page size, at most 1000"}),
+    );
     params.push(json!({"name": "_offset", "type": "number", "documentation": "entries to skip, for paging"}));
     let mut entry = json!({
         "type": resource_type,
@@ -84,8 +94,9 @@ pub async fn metadata(State(state): State<AppState>) -> Response {
         }],
     });
     let mut response = (StatusCode::OK, statement.to_string()).into_response();
-    response
-        .headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/fhir+json; charset=utf-8"));
+    response.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+    );
     response
 }

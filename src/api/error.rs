@@ -38,7 +38,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn single(status: StatusCode, code: &str, expression: Option<&str>, diagnostics: impl Into<String>) -> ApiError {
+    fn single(
+        status: StatusCode,
+        code: &str,
+        expression: Option<&str>,
+        diagnostics: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             issues: vec![Issue {
@@ -76,7 +81,12 @@ impl ApiError {
 
     /// 400 for an invalid request element or parameter.
     pub fn invalid(expression: &str, diagnostics: impl Into<String>) -> ApiError {
-        Self::single(StatusCode::BAD_REQUEST, "invalid", Some(expression), diagnostics)
+        Self::single(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            Some(expression),
+            diagnostics,
+        )
     }
 
     /// 400 for a body that is not JSON.
@@ -85,28 +95,57 @@ impl ApiError {
     }
 
     /// 422 for a rule that the content breaks (for example a reference to nothing).
-    pub fn unprocessable(code: &str, expression: Option<&str>, diagnostics: impl Into<String>) -> ApiError {
-        Self::single(StatusCode::UNPROCESSABLE_ENTITY, code, expression, diagnostics)
+    pub fn unprocessable(
+        code: &str,
+        expression: Option<&str>,
+        diagnostics: impl Into<String>,
+    ) -> ApiError {
+        Self::single(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            expression,
+            diagnostics,
+        )
     }
 
     /// 404 for an unknown resource.
     pub fn not_found(resource_type: &str, id: &str) -> ApiError {
-        Self::single(StatusCode::NOT_FOUND, "not-found", None, format!("{resource_type}/{id} not found"))
+        Self::single(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            None,
+            format!("{resource_type}/{id} not found"),
+        )
     }
 
     /// 404 for an unknown path or resource type.
     pub fn not_found_path() -> ApiError {
-        Self::single(StatusCode::NOT_FOUND, "not-supported", None, "no such endpoint or resource type")
+        Self::single(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            None,
+            "no such endpoint or resource type",
+        )
     }
 
     /// 410 for a deleted resource.
     pub fn gone(resource_type: &str, id: &str) -> ApiError {
-        Self::single(StatusCode::GONE, "deleted", None, format!("{resource_type}/{id} is deleted"))
+        Self::single(
+            StatusCode::GONE,
+            "deleted",
+            None,
+            format!("{resource_type}/{id} is deleted"),
+        )
     }
 
     /// 412 for a failed precondition.
     pub fn precondition(diagnostics: impl Into<String>) -> ApiError {
-        Self::single(StatusCode::PRECONDITION_FAILED, "conflict", None, diagnostics)
+        Self::single(
+            StatusCode::PRECONDITION_FAILED,
+            "conflict",
+            None,
+            diagnostics,
+        )
     }
 
     /// 409 for a conflicting write.
@@ -116,7 +155,12 @@ impl ApiError {
 
     /// 503 with Retry-After.
     pub fn unavailable(diagnostics: impl Into<String>) -> ApiError {
-        let mut error = Self::single(StatusCode::SERVICE_UNAVAILABLE, "transient", None, diagnostics);
+        let mut error = Self::single(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            None,
+            diagnostics,
+        );
         error.retry_after_seconds = Some(1);
         error
     }
@@ -124,7 +168,12 @@ impl ApiError {
     /// 500; the detail goes to the log only.
     pub fn internal(context: &'static str, detail: &dyn std::fmt::Display) -> ApiError {
         tracing::error!(error = %detail, context, "internal error");
-        Self::single(StatusCode::INTERNAL_SERVER_ERROR, "exception", None, "internal error")
+        Self::single(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            None,
+            "internal error",
+        )
     }
 
     /// 400 or 422 from validation issues: structure problems are 400, rule violations 422.
@@ -138,7 +187,12 @@ impl ApiError {
                 diagnostics: issue.diagnostics,
             })
             .collect();
-        ApiError { status: StatusCode::BAD_REQUEST, issues, retry_after_seconds: None, challenge: false }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            issues,
+            retry_after_seconds: None,
+            challenge: false,
+        }
     }
 
     /// Prefixes every issue's expression, for errors inside a Bundle entry.
@@ -173,16 +227,26 @@ impl ApiError {
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> ApiError {
         match &error {
-            CommandError::NotFound { resource_type, resource_id } => {
-                ApiError::unprocessable("not-found", None, format!("{resource_type}/{resource_id} not found"))
-            }
-            CommandError::Gone { resource_type, resource_id } => ApiError::gone(resource_type, resource_id),
+            CommandError::NotFound {
+                resource_type,
+                resource_id,
+            } => ApiError::unprocessable(
+                "not-found",
+                None,
+                format!("{resource_type}/{resource_id} not found"),
+            ),
+            CommandError::Gone {
+                resource_type,
+                resource_id,
+            } => ApiError::gone(resource_type, resource_id),
             CommandError::VersionConflict { .. } => ApiError::precondition(error.to_string()),
             CommandError::AlreadyExists { .. } => ApiError::conflict(error.to_string()),
             CommandError::DanglingReference { .. } => {
                 ApiError::unprocessable("not-found", None, error.to_string())
             }
-            CommandError::ChartChange { .. } => ApiError::unprocessable("business-rule", None, error.to_string()),
+            CommandError::ChartChange { .. } => {
+                ApiError::unprocessable("business-rule", None, error.to_string())
+            }
         }
     }
 }
@@ -206,7 +270,10 @@ impl IntoResponse for ApiError {
         let body = self.outcome().to_string();
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert("content-type", HeaderValue::from_static("application/fhir+json; charset=utf-8"));
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+        );
         if let Some(seconds) = self.retry_after_seconds {
             headers.insert("retry-after", HeaderValue::from(seconds));
         }

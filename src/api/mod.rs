@@ -68,7 +68,9 @@ impl AppState {
         .await;
         match waited {
             Ok(Ok(status)) if status.halted.is_none() => Ok(()),
-            _ => Err(ApiError::unavailable("the chart projection is behind the log")),
+            _ => Err(ApiError::unavailable(
+                "the chart projection is behind the log",
+            )),
         }
     }
 }
@@ -85,18 +87,28 @@ pub struct Caller {
 }
 
 /// Purpose of use codes a client may name in `X-Purpose-Of-Use` (HL7 v3 PurposeOfUse).
-const PURPOSES_OF_USE: &[&str] =
-    &["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "PATRQT", "PUBHLTH", "HRESCH", "LEGAL", "COC"];
+const PURPOSES_OF_USE: &[&str] = &[
+    "TREAT", "ETREAT", "HPAYMT", "HOPERAT", "PATRQT", "PUBHLTH", "HRESCH", "LEGAL", "COC",
+];
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let authorization = parts.headers.get("authorization").and_then(|value| value.to_str().ok());
-        let principal = state.authenticator.authenticate(authorization).map_err(|error| {
-            tracing::info!(reason = %error, "authentication failed");
-            ApiError::unauthenticated()
-        })?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let authorization = parts
+            .headers
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        let principal = state
+            .authenticator
+            .authenticate(authorization)
+            .map_err(|error| {
+                tracing::info!(reason = %error, "authentication failed");
+                ApiError::unauthenticated()
+            })?;
         let purpose_of_use = match parts.headers.get("x-purpose-of-use") {
             None => principal.default_purpose().to_owned(),
             Some(value) => {
@@ -114,7 +126,11 @@ impl FromRequestParts<AppState> for Caller {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map_or_else(|| "unknown".to_owned(), |info| info.0.to_string());
-        Ok(Caller { principal, purpose_of_use, client_address })
+        Ok(Caller {
+            principal,
+            purpose_of_use,
+            client_address,
+        })
     }
 }
 
@@ -144,14 +160,22 @@ pub fn app(state: AppState) -> Router {
     let fhir = Router::new()
         .route("/", post(transaction::transaction))
         .route("/metadata", get(capability::metadata))
-        .route("/{resource_type}", post(rest::create).get(rest::search_type))
+        .route(
+            "/{resource_type}",
+            post(rest::create).get(rest::search_type),
+        )
         .route("/{resource_type}/_history", get(rest::type_history))
         .route("/{resource_type}/_search", post(rest::search_post))
         .route(
             "/{resource_type}/{id}",
-            get(rest::read_or_operation).put(rest::update).delete(rest::delete),
+            get(rest::read_or_operation)
+                .put(rest::update)
+                .delete(rest::delete),
         )
-        .route("/{resource_type}/{id}/{operation}", get(rest::patient_compartment))
+        .route(
+            "/{resource_type}/{id}/{operation}",
+            get(rest::patient_compartment),
+        )
         .route("/{resource_type}/{id}/_history/{version}", get(rest::vread));
 
     Router::new()
@@ -177,7 +201,9 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
+async fn health(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
 
     let status = state.projector.borrow().clone();

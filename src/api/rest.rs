@@ -42,18 +42,25 @@ pub fn check_type(resource_type: &str) -> Result<(), ApiError> {
 fn check_id(id: &str) -> Result<(), ApiError> {
     let valid = !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
     if valid {
         Ok(())
     } else {
-        Err(ApiError::invalid("id", "invalid resource id; expected 1 to 64 of A-Z, a-z, 0-9, '-' and '.'"))
+        Err(ApiError::invalid(
+            "id",
+            "invalid resource id; expected 1 to 64 of A-Z, a-z, 0-9, '-' and '.'",
+        ))
     }
 }
 
 /// Parses a request body as JSON, keeping decimals and element order exactly as sent.
 pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::malformed_json("request body is empty; expected a FHIR JSON resource"));
+        return Err(ApiError::malformed_json(
+            "request body is empty; expected a FHIR JSON resource",
+        ));
     }
     serde_json::from_slice(body).map_err(|error| {
         ApiError::malformed_json(format!(
@@ -111,8 +118,11 @@ pub fn prepare(
     value: Value,
     created: &HashSet<(String, String)>,
 ) -> Result<Prepared, ApiError> {
-    let Value::Object(mut resource) = value else {
-        return Err(ApiError::invalid("resourceType", "expected a JSON object holding a FHIR resource"));
+    let Value::Object(resource) = value else {
+        return Err(ApiError::invalid(
+            "resourceType",
+            "expected a JSON object holding a FHIR resource",
+        ));
     };
     match resource.get("resourceType") {
         Some(Value::String(found)) if found == resource_type => {}
@@ -122,11 +132,22 @@ pub fn prepare(
                 format!("resourceType does not match the endpoint's type {resource_type}"),
             ))
         }
-        _ => return Err(ApiError::invalid("resourceType", "missing or invalid resourceType")),
+        _ => {
+            return Err(ApiError::invalid(
+                "resourceType",
+                "missing or invalid resourceType",
+            ))
+        }
     }
 
-    // Server-owned elements are replaced: the id comes from the URL or the server, and the
-    // version and timestamp from the writer.
+    // The resource is validated as sent, so an invalid id or meta is rejected even where the
+    // server replaces it. Then server-owned elements are replaced: the id comes from the URL or
+    // the server, and the version and timestamp from the writer.
+    let sent = Value::Object(resource);
+    validate::validate_resource(&sent).map_err(ApiError::from_validation)?;
+    let Value::Object(mut resource) = sent else {
+        unreachable!("checked to be an object above")
+    };
     resource.insert("id".into(), Value::String(id.to_owned()));
     if let Some(Value::Object(meta)) = resource.get_mut("meta") {
         meta.remove("versionId");
@@ -136,14 +157,20 @@ pub fn prepare(
         }
     }
     let value = Value::Object(resource);
-    validate::validate_resource(&value).map_err(ApiError::from_validation)?;
 
     let mut references = Vec::new();
     // A stored Bundle (a document or a collection) carries references that belong to its
     // entries' own context, so they are kept as given and not resolved here.
-    let checked_references =
-        if resource_type == "Bundle" { Vec::new() } else { compartment::references(&value) };
-    let writer_state = state.writer.state().read().expect("writer state lock is not poisoned");
+    let checked_references = if resource_type == "Bundle" {
+        Vec::new()
+    } else {
+        compartment::references(&value)
+    };
+    let writer_state = state
+        .writer
+        .state()
+        .read()
+        .expect("writer state lock is not poisoned");
     for (path, reference) in checked_references {
         if reference.starts_with('#') {
             continue;
@@ -162,7 +189,8 @@ pub fn prepare(
                 "conditional references resolve only inside a transaction Bundle",
             ));
         }
-        let Some((target_type, target_id)) = parse_local_reference(&state.base_url, &reference) else {
+        let Some((target_type, target_id)) = parse_local_reference(&state.base_url, &reference)
+        else {
             if !reference.contains("://") {
                 return Err(ApiError::unprocessable(
                     "invalid",
@@ -190,8 +218,14 @@ pub fn prepare(
     drop(writer_state);
 
     let chart = chart_target(state, resource_type, id, &value)?;
-    let Value::Object(resource) = value else { unreachable!("checked to be an object above") };
-    Ok(Prepared { resource, chart, references })
+    let Value::Object(resource) = value else {
+        unreachable!("checked to be an object above")
+    };
+    Ok(Prepared {
+        resource,
+        chart,
+        references,
+    })
 }
 
 /// Works out which chart a resource belongs to, by the FHIR R4 Patient compartment.
@@ -204,7 +238,9 @@ fn chart_target(
     if resource_type == "Patient" {
         return Ok(ChartTarget::Patient(id.to_owned()));
     }
-    if is_directory_type(resource_type) || compartment::patient_compartment_paths(resource_type).is_none() {
+    if is_directory_type(resource_type)
+        || compartment::patient_compartment_paths(resource_type).is_none()
+    {
         return Ok(ChartTarget::Directory);
     }
     let mut patients: Vec<String> = compartment::compartment_patient_refs(resource)
@@ -231,9 +267,12 @@ pub fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(text) = header_text(headers, "if-match") else {
         return Ok(None);
     };
-    parse_etag(text)
-        .map(Some)
-        .ok_or_else(|| ApiError::invalid("If-Match", "invalid If-Match; expected an ETag such as W/\"3\""))
+    parse_etag(text).map(Some).ok_or_else(|| {
+        ApiError::invalid(
+            "If-Match",
+            "invalid If-Match; expected an ETag such as W/\"3\"",
+        )
+    })
 }
 
 /// Parses an ETag value `W/"3"`, `"3"` or `3`.
@@ -249,14 +288,17 @@ fn etag(version: u64) -> HeaderValue {
 
 fn fhir_json(status: StatusCode, body: String) -> Response {
     let mut response = (status, body).into_response();
-    response
-        .headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/fhir+json; charset=utf-8"));
+    response.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+    );
     response
 }
 
 fn last_modified(last_updated: &str) -> Option<HeaderValue> {
-    let parsed = time::OffsetDateTime::parse(last_updated, &time::format_description::well_known::Rfc3339).ok()?;
+    let parsed =
+        time::OffsetDateTime::parse(last_updated, &time::format_description::well_known::Rfc3339)
+            .ok()?;
     let text = parsed
         .format(&time::format_description::well_known::Rfc2822)
         .ok()?
@@ -271,12 +313,26 @@ async fn write_response(
     headers: &HeaderMap,
     result: &OperationResult,
 ) -> Result<Response, ApiError> {
-    let OperationResult::Recorded { resource_type, resource_id, version, created, last_updated } = result
+    let OperationResult::Recorded {
+        resource_type,
+        resource_id,
+        version,
+        created,
+        last_updated,
+    } = result
     else {
-        return Err(ApiError::internal("write response", &"operation recorded no version"));
+        return Err(ApiError::internal(
+            "write response",
+            &"operation recorded no version",
+        ));
     };
-    let status = if *created { StatusCode::CREATED } else { StatusCode::OK };
-    let minimal = header_text(headers, "prefer").is_some_and(|prefer| prefer.contains("return=minimal"));
+    let status = if *created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let minimal =
+        header_text(headers, "prefer").is_some_and(|prefer| prefer.contains("return=minimal"));
     let mut response = if minimal {
         fhir_json(status, String::new())
     } else {
@@ -284,11 +340,16 @@ async fn write_response(
             .projection
             .version(resource_type, resource_id, *version)
             .map_err(|error| ApiError::internal("projection read", &error))?
-            .ok_or_else(|| ApiError::internal("write response", &"written version missing from projection"))?;
+            .ok_or_else(|| {
+                ApiError::internal("write response", &"written version missing from projection")
+            })?;
         let body = super::access::open_record(state, &record)?;
         fhir_json(status, body)
     };
-    let location = format!("{}/{resource_type}/{resource_id}/_history/{version}", state.base_url);
+    let location = format!(
+        "{}/{resource_type}/{resource_id}/_history/{version}",
+        state.base_url
+    );
     let response_headers = response.headers_mut();
     response_headers.insert("etag", etag(*version));
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -304,7 +365,10 @@ async fn write_response(
 }
 
 /// Submits a command and waits until the projection shows its effect.
-pub async fn submit_and_wait(state: &AppState, command: Command) -> Result<Vec<OperationResult>, ApiError> {
+pub async fn submit_and_wait(
+    state: &AppState,
+    command: Command,
+) -> Result<Vec<OperationResult>, ApiError> {
     let outcome = state.writer.submit(command).await?;
     state.wait_for_projection(outcome.end_position).await?;
     Ok(outcome.results)
@@ -322,8 +386,12 @@ fn command_id(headers: &HeaderMap) -> Result<Option<chartlog_schemas::CommandId>
 
 /// Parses the query string into decoded pairs.
 pub fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
-    raw.map(|query| form_urlencoded::parse(query.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+    raw.map(|query| {
+        form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// `POST /fhir/{type}`: create, with optional `If-None-Exist`.
@@ -389,13 +457,36 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     check_id(&id)?;
-    let exists = state.writer.state().read().expect("writer state lock is not poisoned").resource(&resource_type, &id).is_some();
-    caller.require(if exists { Action::Update } else { Action::Create }, &resource_type)?;
+    let exists = state
+        .writer
+        .state()
+        .read()
+        .expect("writer state lock is not poisoned")
+        .resource(&resource_type, &id)
+        .is_some();
+    caller.require(
+        if exists {
+            Action::Update
+        } else {
+            Action::Create
+        },
+        &resource_type,
+    )?;
     let value = parse_body(&body)?;
     match value.get("id") {
         Some(Value::String(body_id)) if body_id == &id => {}
-        Some(_) => return Err(ApiError::invalid("id", "resource id does not match the id in the URL")),
-        None => return Err(ApiError::invalid("id", "an update must carry the resource id")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "id",
+                "resource id does not match the id in the URL",
+            ))
+        }
+        None => {
+            return Err(ApiError::invalid(
+                "id",
+                "an update must carry the resource id",
+            ))
+        }
     }
     let if_match = parse_if_match(&headers)?;
     let prepared = prepare(&state, &resource_type, &id, value, &HashSet::new())?;
@@ -432,18 +523,30 @@ pub async fn delete(
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
         command_id: command_id(&headers)?,
-        operations: vec![Operation::Retract { resource_type, resource_id: id, if_match }],
+        operations: vec![Operation::Retract {
+            resource_type,
+            resource_id: id,
+            if_match,
+        }],
     };
     let results = submit_and_wait(&state, command).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
-    if let Some(OperationResult::Retracted { version: Some(version), .. }) = results.first() {
+    if let Some(OperationResult::Retracted {
+        version: Some(version),
+        ..
+    }) = results.first()
+    {
         response.headers_mut().insert("etag", etag(*version));
     }
     Ok(response)
 }
 
 /// Loads the current record of a resource, or 404 / 410.
-fn current_record(state: &AppState, resource_type: &str, id: &str) -> Result<VersionRecord, ApiError> {
+fn current_record(
+    state: &AppState,
+    resource_type: &str,
+    id: &str,
+) -> Result<VersionRecord, ApiError> {
     let record = state
         .projection
         .current(resource_type, id)
@@ -512,19 +615,30 @@ struct Page {
 }
 
 fn page_from(pairs: &[(String, String)], count_hint: Option<usize>) -> Result<Page, ApiError> {
-    let mut page = Page { count: count_hint.unwrap_or(DEFAULT_PAGE), offset: 0 };
+    let mut page = Page {
+        count: count_hint.unwrap_or(DEFAULT_PAGE),
+        offset: 0,
+    };
     for (name, value) in pairs {
         match name.as_str() {
             "_count" if count_hint.is_none() => {
                 page.count = value
                     .parse::<usize>()
-                    .map_err(|_| ApiError::invalid("_count", "invalid _count; expected a non-negative integer"))?
+                    .map_err(|_| {
+                        ApiError::invalid(
+                            "_count",
+                            "invalid _count; expected a non-negative integer",
+                        )
+                    })?
                     .min(search::MAX_COUNT);
             }
             "_offset" => {
-                page.offset = value
-                    .parse()
-                    .map_err(|_| ApiError::invalid("_offset", "invalid _offset; expected a non-negative integer"))?;
+                page.offset = value.parse().map_err(|_| {
+                    ApiError::invalid(
+                        "_offset",
+                        "invalid _offset; expected a non-negative integer",
+                    )
+                })?;
             }
             _ => {}
         }
@@ -532,10 +646,19 @@ fn page_from(pairs: &[(String, String)], count_hint: Option<usize>) -> Result<Pa
     Ok(page)
 }
 
-fn page_links(state: &AppState, path: &str, pairs: &[(String, String)], page: &Page, more: bool) -> Vec<Value> {
+fn page_links(
+    state: &AppState,
+    path: &str,
+    pairs: &[(String, String)],
+    page: &Page,
+    more: bool,
+) -> Vec<Value> {
     let link = |offset: usize| {
         let mut serializer = form_urlencoded::Serializer::new(String::new());
-        for (name, value) in pairs.iter().filter(|(name, _)| name != "_offset" && name != "_count") {
+        for (name, value) in pairs
+            .iter()
+            .filter(|(name, _)| name != "_offset" && name != "_count")
+        {
             serializer.append_pair(name, value);
         }
         serializer.append_pair("_count", &page.count.to_string());
@@ -649,8 +772,11 @@ pub async fn search_current(
     resource_type: &str,
     pairs: &[(String, String)],
 ) -> Result<Vec<(VersionRecord, Value)>, ApiError> {
-    let filtered: Vec<(String, String)> =
-        pairs.iter().filter(|(name, _)| name != "_offset").cloned().collect();
+    let filtered: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(name, _)| name != "_offset")
+        .cloned()
+        .collect();
     let query = search::parse_query(resource_type, &filtered)
         .map_err(|error| ApiError::invalid("query", error.to_string()))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
@@ -664,7 +790,7 @@ async fn run_search(
     chart_scope: Option<chartlog_schemas::ChartId>,
 ) -> Result<Vec<(VersionRecord, Value)>, ApiError> {
     let state = state.clone();
-    let scan = tokio::task::spawn_blocking(move || -> Result<Vec<(VersionRecord, Value)>, ApiError> {
+    tokio::task::spawn_blocking(move || -> Result<Vec<(VersionRecord, Value)>, ApiError> {
         let resource_type = query.resource_type().to_owned();
         let scope = match chart_scope {
             Some(chart) => Some(chart),
@@ -708,20 +834,26 @@ async fn run_search(
             let value = open_value(&state, &record)?;
             let last_updated = format_instant(record.recorded_at);
             if search::matches(&query, &value, &last_updated) {
-                matched.push((search::sort_key(&query, &value, &last_updated), record, value));
+                matched.push((
+                    search::sort_key(&query, &value, &last_updated),
+                    record,
+                    value,
+                ));
             }
         }
         if query.has_sort() {
             matched.sort_by(|left, right| left.0.cmp(&right.0));
         } else {
             // Without _sort, newest first, so paging is stable while nothing is written.
-            matched.sort_by(|left, right| right.1.position.cmp(&left.1.position));
+            matched.sort_by_key(|entry| std::cmp::Reverse(entry.1.position));
         }
-        Ok(matched.into_iter().map(|(_, record, value)| (record, value)).collect())
+        Ok(matched
+            .into_iter()
+            .map(|(_, record, value)| (record, value))
+            .collect())
     })
     .await
-    .map_err(|error| ApiError::internal("search task", &error))?;
-    scan
+    .map_err(|error| ApiError::internal("search task", &error))?
 }
 
 async fn search_response(
@@ -733,13 +865,19 @@ async fn search_response(
     headers: &HeaderMap,
     chart_scope: Option<chartlog_schemas::ChartId>,
 ) -> Result<Response, ApiError> {
-    let filtered: Vec<(String, String)> =
-        pairs.iter().filter(|(name, _)| name != "_offset").cloned().collect();
+    let filtered: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(name, _)| name != "_offset")
+        .cloned()
+        .collect();
     let query = search::parse_query(resource_type, &filtered)
         .map_err(|error| ApiError::invalid("query", error.to_string()))?;
-    let strict = header_text(headers, "prefer").is_some_and(|prefer| prefer.contains("handling=strict"));
+    let strict =
+        header_text(headers, "prefer").is_some_and(|prefer| prefer.contains("handling=strict"));
     if strict {
-        query.reject_unknown_parameters().map_err(|error| ApiError::invalid("query", error.to_string()))?;
+        query
+            .reject_unknown_parameters()
+            .map_err(|error| ApiError::invalid("query", error.to_string()))?;
     }
     let unknown: Vec<String> = query.unknown_parameters().to_vec();
     let summary_count = query.summary() == Some(search::Summary::Count);
@@ -797,7 +935,16 @@ pub async fn search_type(
     check_type(&resource_type)?;
     caller.require(Action::Read, &resource_type)?;
     let pairs = query_pairs(query.as_deref());
-    search_response(&state, &caller, &resource_type, &resource_type, pairs, &headers, None).await
+    search_response(
+        &state,
+        &caller,
+        &resource_type,
+        &resource_type,
+        pairs,
+        &headers,
+        None,
+    )
+    .await
 }
 
 /// `POST /fhir/{type}/_search`: search with form-encoded parameters in the body.
@@ -813,7 +960,16 @@ pub async fn search_post(
     caller.require(Action::Read, &resource_type)?;
     let mut pairs = query_pairs(query.as_deref());
     pairs.extend(form_urlencoded::parse(&body).into_owned());
-    search_response(&state, &caller, &resource_type, &resource_type, pairs, &headers, None).await
+    search_response(
+        &state,
+        &caller,
+        &resource_type,
+        &resource_type,
+        pairs,
+        &headers,
+        None,
+    )
+    .await
 }
 
 /// `GET /fhir/Patient/{id}/$everything`, `GET /fhir/Patient/{id}/{type}` (compartment search)
@@ -826,7 +982,13 @@ pub async fn patient_compartment(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if operation == "_history" {
-        return instance_history(State(state), caller, Path((resource_type, id)), RawQuery(query)).await;
+        return instance_history(
+            State(state),
+            caller,
+            Path((resource_type, id)),
+            RawQuery(query),
+        )
+        .await;
     }
     if resource_type != "Patient" {
         return Err(ApiError::not_found_path());
@@ -854,7 +1016,16 @@ pub async fn patient_compartment(
             check_type(compartment_type)?;
             caller.require(Action::Read, compartment_type)?;
             let path = format!("Patient/{id}/{compartment_type}");
-            search_response(&state, &caller, compartment_type, &path, pairs, &headers, Some(chart)).await
+            search_response(
+                &state,
+                &caller,
+                compartment_type,
+                &path,
+                pairs,
+                &headers,
+                Some(chart),
+            )
+            .await
         }
     }
 }
@@ -886,9 +1057,20 @@ async fn everything(
     // The Patient first, then everything else in log order.
     records.sort_by_key(|record| (record.resource_type != "Patient", record.position));
     let page = page_from(pairs, None)?;
-    let page = Page { count: if pairs.iter().any(|(name, _)| name == "_count") { page.count } else { search::MAX_COUNT }, offset: page.offset };
+    let page = Page {
+        count: if pairs.iter().any(|(name, _)| name == "_count") {
+            page.count
+        } else {
+            search::MAX_COUNT
+        },
+        offset: page.offset,
+    };
     let total = records.len();
-    let shown: Vec<VersionRecord> = records.into_iter().skip(page.offset).take(page.count).collect();
+    let shown: Vec<VersionRecord> = records
+        .into_iter()
+        .skip(page.offset)
+        .take(page.count)
+        .collect();
     let more = total > page.offset + page.count;
     let mut entries = Vec::with_capacity(shown.len());
     for record in &shown {
@@ -918,7 +1100,10 @@ mod tests {
     #[test]
     fn local_reference_forms_parse() {
         let base = "http://localhost:8080/fhir";
-        assert_eq!(parse_local_reference(base, "Patient/p1"), Some(("Patient".into(), "p1".into())));
+        assert_eq!(
+            parse_local_reference(base, "Patient/p1"),
+            Some(("Patient".into(), "p1".into()))
+        );
         assert_eq!(
             parse_local_reference(base, "Procedure/x/_history/1"),
             Some(("Procedure".into(), "x".into()))
@@ -927,7 +1112,10 @@ mod tests {
             parse_local_reference(base, "http://localhost:8080/fhir/Patient/p1"),
             Some(("Patient".into(), "p1".into()))
         );
-        assert_eq!(parse_local_reference(base, "http://elsewhere.example/fhir/Patient/p1"), None);
+        assert_eq!(
+            parse_local_reference(base, "http://elsewhere.example/fhir/Patient/p1"),
+            None
+        );
         assert_eq!(parse_local_reference(base, "urn:uuid:1234"), None);
         assert_eq!(parse_local_reference(base, "Nonsense/p1"), None);
     }

@@ -10,11 +10,13 @@ use std::collections::{HashMap, HashSet};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use super::rest::{check_type, parse_body, parse_etag, prepare, query_pairs, search_current, submit_and_wait};
+use super::rest::{
+    check_type, parse_body, parse_etag, prepare, query_pairs, search_current, submit_and_wait,
+};
 use super::{ApiError, AppState, Caller};
 use crate::auth::roles::is_directory_type;
 use crate::auth::Action;
@@ -26,9 +28,25 @@ use crate::fhir::compartment;
 const MAX_ENTRIES: usize = 20_000;
 
 enum Planned {
-    Write { index: usize, resource_type: String, id: String, value: Value, if_match: Option<u64>, create_only: bool },
-    Delete { index: usize, resource_type: String, id: String, if_match: Option<u64> },
-    Existing { index: usize, resource_type: String, id: String, version: u64 },
+    Write {
+        index: usize,
+        resource_type: String,
+        id: String,
+        value: Value,
+        if_match: Option<u64>,
+        create_only: bool,
+    },
+    Delete {
+        index: usize,
+        resource_type: String,
+        id: String,
+        if_match: Option<u64>,
+    },
+    Existing {
+        resource_type: String,
+        id: String,
+        version: u64,
+    },
 }
 
 fn entry_error(index: usize, error: ApiError) -> ApiError {
@@ -39,27 +57,45 @@ fn entry_error(index: usize, error: ApiError) -> ApiError {
 pub async fn transaction(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let bundle = parse_body(&body)?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err(ApiError::invalid("Bundle.resourceType", "expected a Bundle"));
+        return Err(ApiError::invalid(
+            "Bundle.resourceType",
+            "expected a Bundle",
+        ));
     }
     match bundle.get("type").and_then(Value::as_str) {
         Some("transaction") => {}
         Some("batch") => {
-            return Err(ApiError::invalid("Bundle.type", "batch Bundles are not supported; use a transaction"))
+            return Err(ApiError::invalid(
+                "Bundle.type",
+                "batch Bundles are not supported; use a transaction",
+            ))
         }
-        _ => return Err(ApiError::invalid("Bundle.type", "expected a Bundle of type transaction")),
+        _ => {
+            return Err(ApiError::invalid(
+                "Bundle.type",
+                "expected a Bundle of type transaction",
+            ))
+        }
     }
     let entries = match bundle.get("entry") {
         None => Vec::new(),
         Some(Value::Array(entries)) if !entries.is_empty() => entries.clone(),
-        Some(_) => return Err(ApiError::invalid("Bundle.entry", "expected a non-empty array of entries")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "Bundle.entry",
+                "expected a non-empty array of entries",
+            ))
+        }
     };
     if entries.len() > MAX_ENTRIES {
-        return Err(ApiError::invalid("Bundle.entry", format!("a transaction holds at most {MAX_ENTRIES} entries")));
+        return Err(ApiError::invalid(
+            "Bundle.entry",
+            format!("a transaction holds at most {MAX_ENTRIES} entries"),
+        ));
     }
 
     // Step 1: read each entry's request, give POSTs ids and map fullUrls.
@@ -68,7 +104,9 @@ pub async fn transaction(
     let mut created: HashSet<(String, String)> = HashSet::new();
     for (index, entry) in entries.iter().enumerate() {
         let at = |name: &str| format!("Bundle.entry[{index}].{name}");
-        let request = entry.get("request").ok_or_else(|| ApiError::invalid(&at("request"), "missing request"))?;
+        let request = entry
+            .get("request")
+            .ok_or_else(|| ApiError::invalid(&at("request"), "missing request"))?;
         let method = request.get("method").and_then(Value::as_str).unwrap_or("");
         let url = request
             .get("url")
@@ -78,58 +116,117 @@ pub async fn transaction(
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let resource_type = segments[0].to_owned();
         check_type(&resource_type).map_err(|error| entry_error(index, error))?;
-        let if_match = request.get("ifMatch").and_then(Value::as_str).and_then(parse_etag);
+        let if_match = request
+            .get("ifMatch")
+            .and_then(Value::as_str)
+            .and_then(parse_etag);
         match method {
             "POST" => {
                 caller.require(Action::Create, &resource_type)?;
-                let value = entry.get("resource").cloned().ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
+                let value = entry
+                    .get("resource")
+                    .cloned()
+                    .ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
                 let mut id = uuid::Uuid::new_v4().to_string();
                 let mut existing = None;
                 if let Some(condition) = request.get("ifNoneExist").and_then(Value::as_str) {
-                    let matches = search_current(&state, &resource_type, &query_pairs(Some(condition)))
-                        .await
-                        .map_err(|error| entry_error(index, error))?;
+                    let matches =
+                        search_current(&state, &resource_type, &query_pairs(Some(condition)))
+                            .await
+                            .map_err(|error| entry_error(index, error))?;
                     match matches.len() {
                         0 => {}
                         1 => {
                             id = matches[0].0.resource_id.clone();
                             existing = Some(matches[0].0.version);
                         }
-                        _ => return Err(entry_error(index, ApiError::precondition("ifNoneExist matches more than one resource"))),
+                        _ => {
+                            return Err(entry_error(
+                                index,
+                                ApiError::precondition(
+                                    "ifNoneExist matches more than one resource",
+                                ),
+                            ))
+                        }
                     }
                 }
                 if let Some(full_url) = entry.get("fullUrl").and_then(Value::as_str) {
                     full_urls.insert(full_url.to_owned(), format!("{resource_type}/{id}"));
                 }
                 match existing {
-                    Some(version) => planned.push(Planned::Existing { index, resource_type, id, version }),
+                    Some(version) => planned.push(Planned::Existing {
+                        resource_type,
+                        id,
+                        version,
+                    }),
                     None => {
                         created.insert((resource_type.clone(), id.clone()));
-                        planned.push(Planned::Write { index, resource_type, id, value, if_match: None, create_only: true });
+                        planned.push(Planned::Write {
+                            index,
+                            resource_type,
+                            id,
+                            value,
+                            if_match: None,
+                            create_only: true,
+                        });
                     }
                 }
             }
             "PUT" => {
                 let id = segments.get(1).filter(|id| !id.is_empty()).ok_or_else(|| {
-                    ApiError::invalid(&at("request.url"), "a PUT entry needs a url of the form Type/id")
+                    ApiError::invalid(
+                        &at("request.url"),
+                        "a PUT entry needs a url of the form Type/id",
+                    )
                 })?;
-                let exists = state.writer.state().read().expect("writer state lock is not poisoned").resource(&resource_type, id).is_some();
-                caller.require(if exists { Action::Update } else { Action::Create }, &resource_type)?;
-                let value = entry.get("resource").cloned().ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
+                let exists = state
+                    .writer
+                    .state()
+                    .read()
+                    .expect("writer state lock is not poisoned")
+                    .resource(&resource_type, id)
+                    .is_some();
+                caller.require(
+                    if exists {
+                        Action::Update
+                    } else {
+                        Action::Create
+                    },
+                    &resource_type,
+                )?;
+                let value = entry
+                    .get("resource")
+                    .cloned()
+                    .ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
                 if let Some(full_url) = entry.get("fullUrl").and_then(Value::as_str) {
                     full_urls.insert(full_url.to_owned(), format!("{resource_type}/{id}"));
                 }
                 if !exists {
                     created.insert((resource_type.clone(), (*id).to_owned()));
                 }
-                planned.push(Planned::Write { index, resource_type, id: (*id).to_owned(), value, if_match, create_only: false });
+                planned.push(Planned::Write {
+                    index,
+                    resource_type,
+                    id: (*id).to_owned(),
+                    value,
+                    if_match,
+                    create_only: false,
+                });
             }
             "DELETE" => {
                 let id = segments.get(1).filter(|id| !id.is_empty()).ok_or_else(|| {
-                    ApiError::invalid(&at("request.url"), "conditional deletes are not supported; use Type/id")
+                    ApiError::invalid(
+                        &at("request.url"),
+                        "conditional deletes are not supported; use Type/id",
+                    )
                 })?;
                 caller.require(Action::Delete, &resource_type)?;
-                planned.push(Planned::Delete { index, resource_type, id: (*id).to_owned(), if_match });
+                planned.push(Planned::Delete {
+                    index,
+                    resource_type,
+                    id: (*id).to_owned(),
+                    if_match,
+                });
             }
             _ => {
                 return Err(ApiError::invalid(
@@ -145,18 +242,34 @@ pub async fn transaction(
     let mut operations: Vec<(u8, usize, Operation)> = Vec::with_capacity(planned.len());
     for item in &mut planned {
         match item {
-            Planned::Write { index, resource_type, id, value, if_match, create_only } => {
+            Planned::Write {
+                index,
+                resource_type,
+                id,
+                value,
+                if_match,
+                create_only,
+            } => {
                 let index = *index;
                 let mut failure = None;
                 let mut conditionals = Vec::new();
                 compartment::for_each_reference_mut(value, |path, reference| {
                     if let Some(target) = full_urls.get(reference.as_str()) {
                         *reference = target.clone();
-                    } else if reference.starts_with("urn:uuid:") || reference.starts_with("urn:oid:") {
+                    } else if reference.starts_with("urn:uuid:")
+                        || reference.starts_with("urn:oid:")
+                    {
                         failure.get_or_insert_with(|| {
-                            ApiError::unprocessable("not-found", Some(path), "urn reference matches no fullUrl in the Bundle")
+                            ApiError::unprocessable(
+                                "not-found",
+                                Some(path),
+                                "urn reference matches no fullUrl in the Bundle",
+                            )
                         });
-                    } else if reference.contains('?') && !reference.contains("://") {
+                    } else if reference
+                        .split_once('?')
+                        .is_some_and(|(target, _)| !target.contains('/'))
+                    {
                         conditionals.push(reference.clone());
                     }
                 });
@@ -167,11 +280,13 @@ pub async fn transaction(
                     if conditional_cache.contains_key(&conditional) {
                         continue;
                     }
-                    let (target_type, condition) = conditional.split_once('?').unwrap_or((&conditional, ""));
+                    let (target_type, condition) =
+                        conditional.split_once('?').unwrap_or((&conditional, ""));
                     check_type(target_type).map_err(|error| entry_error(index, error))?;
-                    let matches = search_current(&state, target_type, &query_pairs(Some(condition)))
-                        .await
-                        .map_err(|error| entry_error(index, error))?;
+                    let matches =
+                        search_current(&state, target_type, &query_pairs(Some(condition)))
+                            .await
+                            .map_err(|error| entry_error(index, error))?;
                     if matches.len() != 1 {
                         return Err(entry_error(
                             index,
@@ -182,7 +297,10 @@ pub async fn transaction(
                             ),
                         ));
                     }
-                    conditional_cache.insert(conditional.clone(), format!("{target_type}/{}", matches[0].0.resource_id));
+                    conditional_cache.insert(
+                        conditional.clone(),
+                        format!("{target_type}/{}", matches[0].0.resource_id),
+                    );
                 }
                 compartment::for_each_reference_mut(value, |_, reference| {
                     if let Some(target) = conditional_cache.get(reference.as_str()) {
@@ -193,7 +311,13 @@ pub async fn transaction(
                     .map_err(|error| entry_error(index, error))?;
                 // Patients open charts that the other entries write to, and the directory
                 // holds what clinical entries refer to, so they are planned first.
-                let rank = if is_directory_type(resource_type) { 1 } else if resource_type == "Patient" { 2 } else { 3 };
+                let rank = if is_directory_type(resource_type) {
+                    1
+                } else if resource_type == "Patient" {
+                    2
+                } else {
+                    3
+                };
                 operations.push((
                     rank,
                     index,
@@ -208,11 +332,20 @@ pub async fn transaction(
                     },
                 ));
             }
-            Planned::Delete { index, resource_type, id, if_match } => {
+            Planned::Delete {
+                index,
+                resource_type,
+                id,
+                if_match,
+            } => {
                 operations.push((
                     0,
                     *index,
-                    Operation::Retract { resource_type: resource_type.clone(), resource_id: id.clone(), if_match: *if_match },
+                    Operation::Retract {
+                        resource_type: resource_type.clone(),
+                        resource_id: id.clone(),
+                        if_match: *if_match,
+                    },
                 ));
             }
             Planned::Existing { .. } => {}
@@ -226,40 +359,60 @@ pub async fn transaction(
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
         command_id: None,
-        operations: operations.into_iter().map(|(_, _, operation)| operation).collect(),
+        operations: operations
+            .into_iter()
+            .map(|(_, _, operation)| operation)
+            .collect(),
     };
-    let results = if command.operations.is_empty() { Vec::new() } else { submit_and_wait(&state, command).await? };
+    let results = if command.operations.is_empty() {
+        Vec::new()
+    } else {
+        submit_and_wait(&state, command).await?
+    };
     let mut by_index: HashMap<usize, OperationResult> = order.into_iter().zip(results).collect();
 
     let mut response_entries = Vec::with_capacity(planned.len());
     for item in &planned {
         let entry = match item {
-            Planned::Existing { index: _, resource_type, id, version } => serde_json::json!({
+            Planned::Existing {
+                resource_type,
+                id,
+                version,
+            } => serde_json::json!({
                 "response": {
                     "status": "200 OK",
                     "location": format!("{resource_type}/{id}/_history/{version}"),
                     "etag": format!("W/\"{version}\""),
                 }
             }),
-            Planned::Write { index, .. } | Planned::Delete { index, .. } => match by_index.remove(index) {
-                Some(OperationResult::Recorded { resource_type, resource_id, version, created, last_updated }) => {
-                    serde_json::json!({
-                        "fullUrl": format!("{}/{resource_type}/{resource_id}", state.base_url),
-                        "response": {
-                            "status": if created { "201 Created" } else { "200 OK" },
-                            "location": format!("{resource_type}/{resource_id}/_history/{version}"),
-                            "etag": format!("W/\"{version}\""),
-                            "lastModified": last_updated,
-                        }
-                    })
+            Planned::Write { index, .. } | Planned::Delete { index, .. } => {
+                match by_index.remove(index) {
+                    Some(OperationResult::Recorded {
+                        resource_type,
+                        resource_id,
+                        version,
+                        created,
+                        last_updated,
+                    }) => {
+                        serde_json::json!({
+                            "fullUrl": format!("{}/{resource_type}/{resource_id}", state.base_url),
+                            "response": {
+                                "status": if created { "201 Created" } else { "200 OK" },
+                                "location": format!("{resource_type}/{resource_id}/_history/{version}"),
+                                "etag": format!("W/\"{version}\""),
+                                "lastModified": last_updated,
+                            }
+                        })
+                    }
+                    Some(OperationResult::Retracted { .. }) => {
+                        serde_json::json!({"response": {"status": "204 No Content"}})
+                    }
+                    _ => serde_json::json!({"response": {"status": "200 OK"}}),
                 }
-                Some(OperationResult::Retracted { .. }) => serde_json::json!({"response": {"status": "204 No Content"}}),
-                _ => serde_json::json!({"response": {"status": "200 OK"}}),
-            },
+            }
         };
         response_entries.push(entry);
     }
-    let _ = headers;
     let response = serde_json::json!({
         "resourceType": "Bundle",
         "type": "transaction-response",

@@ -77,13 +77,17 @@ pub struct Principal {
 impl Principal {
     /// Returns whether any of the principal's roles permits `action` on `resource_type`.
     pub fn may(&self, action: Action, resource_type: &str) -> bool {
-        self.roles.iter().any(|role| role.permits(action, resource_type))
+        self.roles
+            .iter()
+            .any(|role| role.permits(action, resource_type))
     }
 
     /// Returns the purpose of use assumed for this principal's requests when the client
     /// names none: the purpose of its first role.
     pub fn default_purpose(&self) -> &'static str {
-        self.roles.first().map_or("TREAT", |role| role.default_purpose())
+        self.roles
+            .first()
+            .map_or("TREAT", |role| role.default_purpose())
     }
 }
 
@@ -144,21 +148,32 @@ impl Authenticator {
         let mut trusted = HashMap::new();
         for config in issuers {
             let text = match (&config.jwks_file, &config.jwks_url) {
-                (Some(path), _) => std::fs::read_to_string(path)
-                    .map_err(|source| IssuerLoadError::Read { path: path.clone(), source })?,
+                (Some(path), _) => {
+                    std::fs::read_to_string(path).map_err(|source| IssuerLoadError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
                 (None, Some(url)) => fetch_jwks(&config.issuer, url)?,
                 (None, None) => return Err(IssuerLoadError::NoSource(config.issuer.clone())),
             };
-            let keys: JwkSet = serde_json::from_str(&text).map_err(|error| IssuerLoadError::Parse {
-                issuer: config.issuer.clone(),
-                reason: error.to_string(),
-            })?;
+            let keys: JwkSet =
+                serde_json::from_str(&text).map_err(|error| IssuerLoadError::Parse {
+                    issuer: config.issuer.clone(),
+                    reason: error.to_string(),
+                })?;
             trusted.insert(
                 config.issuer.clone(),
-                TrustedIssuer { audience: config.audience.clone(), keys },
+                TrustedIssuer {
+                    audience: config.audience.clone(),
+                    keys,
+                },
             );
         }
-        Ok(Authenticator { issuers: trusted, leeway: Duration::from_secs(30) })
+        Ok(Authenticator {
+            issuers: trusted,
+            leeway: Duration::from_secs(30),
+        })
     }
 
     /// Returns the configured issuer names.
@@ -173,13 +188,20 @@ impl Authenticator {
     /// [`AuthError`] naming the failed check.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let token = authorization
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Missing)?;
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let unverified_issuer = peek_issuer(token).ok_or(AuthError::Malformed)?;
-        let issuer = self.issuers.get(&unverified_issuer).ok_or(AuthError::UntrustedIssuer)?;
+        let issuer = self
+            .issuers
+            .get(&unverified_issuer)
+            .ok_or(AuthError::UntrustedIssuer)?;
 
         let jwk = match &header.kid {
             Some(kid) => issuer.keys.find(kid),
@@ -189,7 +211,10 @@ impl Authenticator {
         .ok_or(AuthError::Malformed)?;
         let allowed = [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256];
         if !allowed.contains(&header.alg) {
-            return Err(AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(AuthError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
         let key = DecodingKey::from_jwk(jwk).map_err(|_| AuthError::Malformed)?;
 
@@ -205,11 +230,18 @@ impl Authenticator {
         let claims = data.claims;
         let mut names = claims.roles;
         names.extend(claims.role);
-        let roles: Vec<Role> = names.iter().filter_map(|name| Role::from_name(name)).collect();
+        let roles: Vec<Role> = names
+            .iter()
+            .filter_map(|name| Role::from_name(name))
+            .collect();
         if roles.is_empty() {
             return Err(AuthError::NoRole);
         }
-        Ok(Principal { subject: claims.sub, issuer: claims.iss, roles })
+        Ok(Principal {
+            subject: claims.sub,
+            issuer: claims.iss,
+            roles,
+        })
     }
 }
 
@@ -218,7 +250,9 @@ fn peek_issuer(token: &str) -> Option<String> {
     use base64::Engine;
 
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.get("iss")?.as_str().map(str::to_owned)
 }
@@ -234,15 +268,32 @@ fn fetch_jwks(issuer: &str, url: &str) -> Result<String, IssuerLoadError> {
         url: url.to_owned(),
         reason,
     };
-    let rest = url.strip_prefix("http://").ok_or_else(|| failure("only http:// is supported".into()))?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(host, path)| (host, format!("/{path}")));
-    let mut stream = std::net::TcpStream::connect(authority).map_err(|error| failure(error.to_string()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|error| failure(error.to_string()))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(|error| failure(error.to_string()))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| failure("only http:// is supported".into()))?;
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(host, path)| {
+            (host, format!("/{path}"))
+        });
+    let mut stream =
+        std::net::TcpStream::connect(authority).map_err(|error| failure(error.to_string()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|error| failure(error.to_string()))?;
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|error| failure(error.to_string()))?;
     let mut response = String::new();
-    stream.take(1 << 20).read_to_string(&mut response).map_err(|error| failure(error.to_string()))?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| failure("malformed HTTP response".into()))?;
+    stream
+        .take(1 << 20)
+        .read_to_string(&mut response)
+        .map_err(|error| failure(error.to_string()))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| failure("malformed HTTP response".into()))?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         return Err(failure(head.lines().next().unwrap_or("").to_owned()));
     }
@@ -271,7 +322,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let issuer = DevIssuer::open_or_create(dir.path()).unwrap();
         let auth = authenticator(&issuer, dir.path());
-        let token = issuer.mint("dr-ada", &["physician"], Duration::from_secs(60)).unwrap();
+        let token = issuer
+            .mint("dr-ada", &["physician"], Duration::from_secs(60))
+            .unwrap();
         let principal = auth.authenticate(Some(&format!("Bearer {token}"))).unwrap();
         assert_eq!(principal.subject, "dr-ada");
         assert_eq!(principal.roles, vec![Role::Physician]);
@@ -282,8 +335,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let issuer = DevIssuer::open_or_create(dir.path()).unwrap();
         let auth = authenticator(&issuer, dir.path());
-        let token = issuer.mint_with_times("dr-ada", &["physician"], -600, -300).unwrap();
-        let error = auth.authenticate(Some(&format!("Bearer {token}"))).unwrap_err();
+        let token = issuer
+            .mint_with_times("dr-ada", &["physician"], -600, -300)
+            .unwrap();
+        let error = auth
+            .authenticate(Some(&format!("Bearer {token}")))
+            .unwrap_err();
         assert!(matches!(error, AuthError::Invalid(_)), "{error}");
     }
 
@@ -294,7 +351,9 @@ mod tests {
         let issuer = DevIssuer::open_or_create(dir.path()).unwrap();
         let impostor = DevIssuer::open_or_create(other_dir.path()).unwrap();
         let auth = authenticator(&issuer, dir.path());
-        let token = impostor.mint("dr-ada", &["physician"], Duration::from_secs(60)).unwrap();
+        let token = impostor
+            .mint("dr-ada", &["physician"], Duration::from_secs(60))
+            .unwrap();
         assert!(auth.authenticate(Some(&format!("Bearer {token}"))).is_err());
     }
 
@@ -304,8 +363,14 @@ mod tests {
         let issuer = DevIssuer::open_or_create(dir.path()).unwrap();
         let auth = authenticator(&issuer, dir.path());
         assert!(matches!(auth.authenticate(None), Err(AuthError::Missing)));
-        assert!(matches!(auth.authenticate(Some("Bearer ")), Err(AuthError::Missing)));
-        assert!(matches!(auth.authenticate(Some("Bearer a.b.c")), Err(AuthError::Malformed)));
+        assert!(matches!(
+            auth.authenticate(Some("Bearer ")),
+            Err(AuthError::Missing)
+        ));
+        assert!(matches!(
+            auth.authenticate(Some("Bearer a.b.c")),
+            Err(AuthError::Malformed)
+        ));
     }
 
     #[test]
@@ -313,8 +378,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let issuer = DevIssuer::open_or_create(dir.path()).unwrap();
         let auth = authenticator(&issuer, dir.path());
-        let token = issuer.mint("x", &["janitor"], Duration::from_secs(60)).unwrap();
-        let error = auth.authenticate(Some(&format!("Bearer {token}"))).unwrap_err();
+        let token = issuer
+            .mint("x", &["janitor"], Duration::from_secs(60))
+            .unwrap();
+        let error = auth
+            .authenticate(Some(&format!("Bearer {token}")))
+            .unwrap_err();
         assert!(matches!(error, AuthError::NoRole), "{error}");
     }
 }

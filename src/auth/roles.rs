@@ -63,8 +63,14 @@ const NURSE_WRITES: &[&str] = &[
 const FRONT_DESK_TYPES: &[&str] = &["Patient", "Encounter", "Coverage", "Appointment"];
 
 /// Types billing may read.
-const BILLING_READS: &[&str] =
-    &["Patient", "Coverage", "Claim", "ExplanationOfBenefit", "Encounter", "Account"];
+const BILLING_READS: &[&str] = &[
+    "Patient",
+    "Coverage",
+    "Claim",
+    "ExplanationOfBenefit",
+    "Encounter",
+    "Account",
+];
 
 /// Returns whether a resource type is kept in the shared directory.
 pub fn is_directory_type(resource_type: &str) -> bool {
@@ -116,7 +122,9 @@ impl Role {
             (Role::Nurse, Action::Read) => true,
             (Role::Nurse, Action::Create | Action::Update) => NURSE_WRITES.contains(&resource_type),
             (Role::Nurse, _) => false,
-            (Role::FrontDesk, Action::Read) => directory || FRONT_DESK_TYPES.contains(&resource_type),
+            (Role::FrontDesk, Action::Read) => {
+                directory || FRONT_DESK_TYPES.contains(&resource_type)
+            }
             (Role::FrontDesk, Action::Create | Action::Update) => {
                 FRONT_DESK_TYPES.contains(&resource_type)
             }

@@ -25,7 +25,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 #[derive(Parser)]
-#[command(name = "chartlog-bench", about = "Measure Chartlog's HTTP throughput and latency on the embedded log")]
+#[command(
+    name = "chartlog-bench",
+    about = "Measure Chartlog's HTTP throughput and latency on the embedded log"
+)]
 struct Args {
     /// Seconds each saturation phase runs.
     #[arg(long, default_value_t = 10)]
@@ -48,10 +51,19 @@ impl Connection {
     async fn open(address: SocketAddr) -> anyhow::Result<Connection> {
         let stream = TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
-        Ok(Connection { stream: BufReader::new(stream), host: address.to_string() })
+        Ok(Connection {
+            stream: BufReader::new(stream),
+            host: address.to_string(),
+        })
     }
 
-    async fn request(&mut self, method: &str, path: &str, token: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
             self.host,
@@ -69,7 +81,8 @@ impl Connection {
             .lines()
             .find_map(|line| {
                 let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
             })
             .unwrap_or(0);
         let mut body = vec![0u8; length];
@@ -128,8 +141,10 @@ where
         workers.push(tokio::spawn(async move {
             let mut connection = Connection::open(address).await?;
             let mut latencies = Vec::new();
-            let interval = rate_per_second.map(|rate| Duration::from_secs_f64(connections as f64 / rate));
-            let mut next_send = Instant::now() + Duration::from_micros((worker as u64 * 997) % 5000);
+            let interval =
+                rate_per_second.map(|rate| Duration::from_secs_f64(connections as f64 / rate));
+            let mut next_send =
+                Instant::now() + Duration::from_micros((worker as u64 * 997) % 5000);
             while started.elapsed() < duration {
                 if let Some(interval) = interval {
                     tokio::time::sleep_until(next_send.into()).await;
@@ -148,12 +163,22 @@ where
     for worker in workers {
         latencies_micros.extend(worker.await??);
     }
-    Ok(Stats { latencies_micros, elapsed: started.elapsed() })
+    Ok(Stats {
+        latencies_micros,
+        elapsed: started.elapsed(),
+    })
 }
 
-fn baseline(dir: &std::path::Path, envelope_bytes: usize, duration: Duration, batch: usize) -> anyhow::Result<f64> {
+fn baseline(
+    dir: &std::path::Path,
+    envelope_bytes: usize,
+    duration: Duration,
+    batch: usize,
+) -> anyhow::Result<f64> {
     let log = EmbeddedLog::open(dir, true)?;
-    let envelopes: Vec<Envelope> = (0..batch).map(|_| Envelope(vec![0xa5; envelope_bytes])).collect();
+    let envelopes: Vec<Envelope> = (0..batch)
+        .map(|_| Envelope(vec![0xa5; envelope_bytes]))
+        .collect();
     let started = Instant::now();
     let mut appended = 0u64;
     while started.elapsed() < duration {
@@ -165,13 +190,18 @@ fn baseline(dir: &std::path::Path, envelope_bytes: usize, duration: Duration, ba
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(bench(args))
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir_in(&args.dir).context("cannot create the bench directory")?;
-    let config = NodeConfig { data_dir: scratch.path().join("node"), kek_file: None };
+    let config = NodeConfig {
+        data_dir: scratch.path().join("node"),
+        kek_file: None,
+    };
     let node = Node::open(&config).await?;
     let key_dir = config.key_paths().dir;
     let issuer = DevIssuer::open_or_create(&key_dir)?;
@@ -195,16 +225,26 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         base_url: format!("http://{address}/fhir").into(),
     };
     let server = tokio::spawn(async move {
-        axum::serve(listener, api::app(state).into_make_service_with_connect_info::<SocketAddr>()).await
+        axum::serve(
+            listener,
+            api::app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
     });
-    let token: Arc<str> = issuer.mint("bench", &["physician"], Duration::from_secs(3600))?.into();
+    let token: Arc<str> = issuer
+        .mint("bench", &["physician"], Duration::from_secs(3600))?
+        .into();
 
     // One patient per connection, so writes spread over as many charts.
     let mut setup = Connection::open(address).await?;
     let mut patients = Vec::new();
     for index in 0..args.connections {
-        let body = format!(r#"{{"resourceType":"Patient","name":[{{"family":"Bench{index}"}}],"birthDate":"1980-01-01"}}"#);
-        let (status, reply) = setup.request("POST", "/fhir/Patient", &token, &body).await?;
+        let body = format!(
+            r#"{{"resourceType":"Patient","name":[{{"family":"Bench{index}"}}],"birthDate":"1980-01-01"}}"#
+        );
+        let (status, reply) = setup
+            .request("POST", "/fhir/Patient", &token, &body)
+            .await?;
         anyhow::ensure!(status == 201, "patient create answered {status}");
         let value: serde_json::Value = serde_json::from_str(&reply)?;
         patients.push(value["id"].as_str().context("patient id")?.to_owned());
@@ -219,18 +259,32 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             let (token, patients, written) = (token.clone(), patients.clone(), written.clone());
             async move {
                 let body = observation(&patients[worker], index);
-                let (status, reply) = connection.request("POST", "/fhir/Observation", &token, &body).await?;
+                let (status, reply) = connection
+                    .request("POST", "/fhir/Observation", &token, &body)
+                    .await?;
                 anyhow::ensure!(status == 201, "write answered {status}");
                 if index % 16 == 0 {
-                    if let Some(id) = serde_json::from_str::<serde_json::Value>(&reply)?["id"].as_str() {
-                        written.lock().expect("bench id list lock").push(id.to_owned());
+                    if let Some(id) =
+                        serde_json::from_str::<serde_json::Value>(&reply)?["id"].as_str()
+                    {
+                        written
+                            .lock()
+                            .expect("bench id list lock")
+                            .push(id.to_owned());
                     }
                 }
                 Ok((connection, index))
             }
         }
     };
-    let writes = run_phase(address, args.connections, duration, None, write_step.clone()).await?;
+    let writes = run_phase(
+        address,
+        args.connections,
+        duration,
+        None,
+        write_step.clone(),
+    )
+    .await?;
     let ids: Arc<Vec<String>> = Arc::new(written.lock().expect("bench id list lock").clone());
     anyhow::ensure!(!ids.is_empty(), "no observations were written");
 
@@ -240,7 +294,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             let (token, ids) = (token.clone(), ids.clone());
             async move {
                 let id = &ids[(index as usize) % ids.len()];
-                let (status, _) = connection.request("GET", &format!("/fhir/Observation/{id}"), &token, "").await?;
+                let (status, _) = connection
+                    .request("GET", &format!("/fhir/Observation/{id}"), &token, "")
+                    .await?;
                 anyhow::ensure!(status == 200, "read answered {status}");
                 Ok((connection, index))
             }
@@ -248,18 +304,51 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     };
     let reads = run_phase(address, args.connections, duration, None, read_step.clone()).await?;
 
-    let half_writes =
-        run_phase(address, args.connections, duration, Some(writes.per_second() / 2.0), write_step).await?;
-    let half_reads = run_phase(address, args.connections, duration, Some(reads.per_second() / 2.0), read_step).await?;
+    let half_writes = run_phase(
+        address,
+        args.connections,
+        duration,
+        Some(writes.per_second() / 2.0),
+        write_step,
+    )
+    .await?;
+    let half_reads = run_phase(
+        address,
+        args.connections,
+        duration,
+        Some(reads.per_second() / 2.0),
+        read_step,
+    )
+    .await?;
 
     // The envelope size of a typical write, measured from the log itself.
-    let sample = node.log.read_from(chartlog::log::LogPosition(node.log.end_position().borrow().0 / 2), 64)?;
-    let envelope_bytes = sample.iter().map(|(_, envelope)| envelope.0.len()).max().unwrap_or(600);
-    let baseline_single = baseline(&scratch.path().join("baseline-1"), envelope_bytes, duration, 1)?;
-    let baseline_batched = baseline(&scratch.path().join("baseline-64"), envelope_bytes, duration, 64)?;
+    let sample = node.log.read_from(
+        chartlog::log::LogPosition(node.log.end_position().borrow().0 / 2),
+        64,
+    )?;
+    let envelope_bytes = sample
+        .iter()
+        .map(|(_, envelope)| envelope.0.len())
+        .max()
+        .unwrap_or(600);
+    let baseline_single = baseline(
+        &scratch.path().join("baseline-1"),
+        envelope_bytes,
+        duration,
+        1,
+    )?;
+    let baseline_batched = baseline(
+        &scratch.path().join("baseline-64"),
+        envelope_bytes,
+        duration,
+        64,
+    )?;
 
     server.abort();
-    println!("chartlog-bench: {} connections, {} s per phase, envelopes of {envelope_bytes} bytes", args.connections, args.seconds);
+    println!(
+        "chartlog-bench: {} connections, {} s per phase, envelopes of {envelope_bytes} bytes",
+        args.connections, args.seconds
+    );
     println!("| measurement | per second | p50 ms | p99 ms | ratio to 1-per-sync baseline | ratio to 64-per-sync baseline |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let row = |name: &str, stats: &Stats| {
@@ -276,8 +365,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     row("audited reads, saturated", &reads);
     row("chart writes, half load", &half_writes);
     row("audited reads, half load", &half_reads);
-    println!("| raw RocksDB synced appends, 1 per sync | {baseline_single:.0} | | | 1.00 | {:.2} |", baseline_single / baseline_batched);
-    println!("| raw RocksDB synced appends, 64 per sync | {baseline_batched:.0} | | | {:.2} | 1.00 |", baseline_batched / baseline_single);
+    println!(
+        "| raw RocksDB synced appends, 1 per sync | {baseline_single:.0} | | | 1.00 | {:.2} |",
+        baseline_single / baseline_batched
+    );
+    println!(
+        "| raw RocksDB synced appends, 64 per sync | {baseline_batched:.0} | | | {:.2} | 1.00 |",
+        baseline_batched / baseline_single
+    );
     node.shutdown().await;
     Ok(())
 }

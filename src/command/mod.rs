@@ -62,10 +62,18 @@ pub enum Operation {
 impl std::fmt::Debug for Operation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Operation::Record { resource_type, resource_id, .. } => {
+            Operation::Record {
+                resource_type,
+                resource_id,
+                ..
+            } => {
                 write!(f, "Record({resource_type}/{resource_id})")
             }
-            Operation::Retract { resource_type, resource_id, .. } => {
+            Operation::Retract {
+                resource_type,
+                resource_id,
+                ..
+            } => {
                 write!(f, "Retract({resource_type}/{resource_id})")
             }
             Operation::Access { chart_id, .. } => write!(f, "Access({chart_id})"),

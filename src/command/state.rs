@@ -79,12 +79,6 @@ pub struct WriterState {
     clock: HlcTimestamp,
 }
 
-impl Default for HlcTimestamp {
-    fn default() -> Self {
-        HlcTimestamp { wall_micros: 0, logical: 0 }
-    }
-}
-
 /// Formats a timestamp as a FHIR instant in UTC with microseconds, for `meta.lastUpdated`.
 pub fn format_instant(timestamp: HlcTimestamp) -> String {
     let nanos = i128::from(timestamp.wall_micros) * 1_000;
@@ -116,12 +110,14 @@ impl WriterState {
 
     /// Returns the current state of a resource.
     pub fn resource(&self, resource_type: &str, resource_id: &str) -> Option<&ResourceHead> {
-        self.resources.get(&(resource_type.to_owned(), resource_id.to_owned()))
+        self.resources
+            .get(&(resource_type.to_owned(), resource_id.to_owned()))
     }
 
     /// Returns whether a resource exists and is not deleted.
     pub fn is_live(&self, resource_type: &str, resource_id: &str) -> bool {
-        self.resource(resource_type, resource_id).is_some_and(|head| !head.deleted)
+        self.resource(resource_type, resource_id)
+            .is_some_and(|head| !head.deleted)
     }
 
     /// Returns the chart of a patient.
@@ -188,7 +184,12 @@ impl WriterState {
         head.seq
     }
 
-    fn set_resource(&mut self, journal: &mut UndoJournal, key: (String, String), head: ResourceHead) {
+    fn set_resource(
+        &mut self,
+        journal: &mut UndoJournal,
+        key: (String, String),
+        head: ResourceHead,
+    ) {
         let previous = self.resources.insert(key.clone(), head);
         journal.0.push(Undo::Resource(key, previous));
     }
@@ -249,7 +250,11 @@ impl WriterState {
                     };
                     self.plan_record(request, wall_micros, journal, &mut events)?
                 }
-                Operation::Retract { resource_type, resource_id, if_match } => self.plan_retract(
+                Operation::Retract {
+                    resource_type,
+                    resource_id,
+                    if_match,
+                } => self.plan_retract(
                     resource_type,
                     resource_id,
                     *if_match,
@@ -281,7 +286,14 @@ impl WriterState {
         match target {
             ChartTarget::Directory => {
                 if !self.charts.contains_key(&ChartId::DIRECTORY) {
-                    self.open_chart(ChartId::DIRECTORY, ChartKind::Directory, "", wall_micros, journal, events);
+                    self.open_chart(
+                        ChartId::DIRECTORY,
+                        ChartKind::Directory,
+                        "",
+                        wall_micros,
+                        journal,
+                        events,
+                    );
                 }
                 Ok(ChartId::DIRECTORY)
             }
@@ -296,7 +308,14 @@ impl WriterState {
                     });
                 }
                 let chart_id = ChartId::random();
-                self.open_chart(chart_id, ChartKind::Patient, patient_id, wall_micros, journal, events);
+                self.open_chart(
+                    chart_id,
+                    ChartKind::Patient,
+                    patient_id,
+                    wall_micros,
+                    journal,
+                    events,
+                );
                 let previous = self.patients.insert(patient_id.clone(), chart_id);
                 journal.0.push(Undo::Patient(patient_id.clone(), previous));
                 Ok(chart_id)
@@ -319,7 +338,10 @@ impl WriterState {
             chart_id,
             seq,
             recorded_at,
-            payload: EventPayload::ChartOpened(ChartOpened { kind, patient_id: patient_id.to_owned() }),
+            payload: EventPayload::ChartOpened(ChartOpened {
+                kind,
+                patient_id: patient_id.to_owned(),
+            }),
         });
     }
 
@@ -330,8 +352,15 @@ impl WriterState {
         journal: &mut UndoJournal,
         events: &mut Vec<PlannedEvent>,
     ) -> Result<OperationResult, CommandError> {
-        let RecordRequest { resource_type, resource_id, resource, chart, if_match, create_only, references } =
-            request;
+        let RecordRequest {
+            resource_type,
+            resource_id,
+            resource,
+            chart,
+            if_match,
+            create_only,
+            references,
+        } = request;
         let key = (resource_type.to_owned(), resource_id.to_owned());
         let existing = self.resources.get(&key).cloned();
 
@@ -357,7 +386,7 @@ impl WriterState {
             let is_self = target_type == resource_type && target_id == resource_id;
             if !is_self && !self.is_live(target_type, target_id) {
                 return Err(CommandError::DanglingReference {
-                    path: format!("{resource_type}"),
+                    path: resource_type.to_owned(),
                     resource_type: target_type.clone(),
                     resource_id: target_id.clone(),
                 });
@@ -381,13 +410,22 @@ impl WriterState {
         let last_updated = format_instant(recorded_at);
 
         let mut stored = resource.clone();
-        stored.insert("id".into(), serde_json::Value::String(resource_id.to_owned()));
+        stored.insert(
+            "id".into(),
+            serde_json::Value::String(resource_id.to_owned()),
+        );
         let meta = stored
             .entry("meta")
             .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
         if let serde_json::Value::Object(meta) = meta {
-            meta.insert("versionId".into(), serde_json::Value::String(version.to_string()));
-            meta.insert("lastUpdated".into(), serde_json::Value::String(last_updated.clone()));
+            meta.insert(
+                "versionId".into(),
+                serde_json::Value::String(version.to_string()),
+            );
+            meta.insert(
+                "lastUpdated".into(),
+                serde_json::Value::String(last_updated.clone()),
+            );
         }
         let resource_json = serde_json::Value::Object(stored).to_string();
 
@@ -402,7 +440,15 @@ impl WriterState {
                 resource_json,
             }),
         });
-        self.set_resource(journal, key, ResourceHead { chart_id, version, deleted: false });
+        self.set_resource(
+            journal,
+            key,
+            ResourceHead {
+                chart_id,
+                version,
+                deleted: false,
+            },
+        );
         Ok(OperationResult::Recorded {
             resource_type: resource_type.to_owned(),
             resource_id: resource_id.to_owned(),
@@ -455,7 +501,15 @@ impl WriterState {
                 version,
             }),
         });
-        self.set_resource(journal, key, ResourceHead { chart_id: head.chart_id, version, deleted: true });
+        self.set_resource(
+            journal,
+            key,
+            ResourceHead {
+                chart_id: head.chart_id,
+                version,
+                deleted: true,
+            },
+        );
         Ok(OperationResult::Retracted {
             resource_type: resource_type.to_owned(),
             resource_id: resource_id.to_owned(),
@@ -493,7 +547,11 @@ impl WriterState {
         let chart_id = header.chart_id;
         self.charts.insert(
             chart_id,
-            ChartHead { seq: header.seq, digest, key_id: Some(header.key_id) },
+            ChartHead {
+                seq: header.seq,
+                digest,
+                key_id: Some(header.key_id),
+            },
         );
         if header.recorded_at > self.clock {
             self.clock = header.recorded_at;
@@ -510,7 +568,11 @@ impl WriterState {
                 let created = self.resources.get(&key).is_none_or(|head| head.deleted);
                 self.resources.insert(
                     key,
-                    ResourceHead { chart_id, version: recorded.version, deleted: false },
+                    ResourceHead {
+                        chart_id,
+                        version: recorded.version,
+                        deleted: false,
+                    },
                 );
                 Some(OperationResult::Recorded {
                     resource_type: recorded.resource_type.clone(),
@@ -521,10 +583,17 @@ impl WriterState {
                 })
             }
             EventPayload::ResourceRetracted(retracted) => {
-                let key = (retracted.resource_type.clone(), retracted.resource_id.clone());
+                let key = (
+                    retracted.resource_type.clone(),
+                    retracted.resource_id.clone(),
+                );
                 self.resources.insert(
                     key,
-                    ResourceHead { chart_id, version: retracted.version, deleted: true },
+                    ResourceHead {
+                        chart_id,
+                        version: retracted.version,
+                        deleted: true,
+                    },
                 );
                 Some(OperationResult::Retracted {
                     resource_type: retracted.resource_type.clone(),
@@ -565,7 +634,12 @@ fn restore<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, previous
 mod tests {
     use super::*;
 
-    fn record(resource_type: &str, id: &str, chart: ChartTarget, if_match: Option<u64>) -> Operation {
+    fn record(
+        resource_type: &str,
+        id: &str,
+        chart: ChartTarget,
+        if_match: Option<u64>,
+    ) -> Operation {
         Operation::Record {
             resource_type: resource_type.into(),
             resource_id: id.into(),
@@ -578,13 +652,21 @@ mod tests {
     }
 
     fn command(operations: Vec<Operation>) -> Command {
-        Command { actor: "dr-1".into(), purpose_of_use: "TREAT".into(), command_id: None, operations }
+        Command {
+            actor: "dr-1".into(),
+            purpose_of_use: "TREAT".into(),
+            command_id: None,
+            operations,
+        }
     }
 
     /// Runs a command and keeps its effects, as a successful append would.
     fn given(state: &mut WriterState, operations: Vec<Operation>) -> Vec<PlannedEvent> {
         let mut journal = UndoJournal::default();
-        state.plan(&command(operations), 1_000, &mut journal).unwrap().0
+        state
+            .plan(&command(operations), 1_000, &mut journal)
+            .unwrap()
+            .0
     }
 
     fn patient(id: &str) -> ChartTarget {
@@ -594,22 +676,41 @@ mod tests {
     #[test]
     fn new_patient_opens_chart_then_records() {
         let mut state = WriterState::default();
-        let events = given(&mut state, vec![record("Patient", "p1", patient("p1"), None)]);
+        let events = given(
+            &mut state,
+            vec![record("Patient", "p1", patient("p1"), None)],
+        );
         let types: Vec<EventType> = events.iter().map(PlannedEvent::event_type).collect();
-        assert_eq!(types, vec![EventType::ChartOpened, EventType::ResourceRecorded]);
+        assert_eq!(
+            types,
+            vec![EventType::ChartOpened, EventType::ResourceRecorded]
+        );
         assert_eq!(events[0].seq, EventSeq(1));
         assert_eq!(events[1].seq, EventSeq(2));
-        assert!(events[1].recorded_at > events[0].recorded_at, "time moves forward in a chart");
+        assert!(
+            events[1].recorded_at > events[0].recorded_at,
+            "time moves forward in a chart"
+        );
     }
 
     #[test]
     fn stale_if_match_is_version_conflict() {
         let mut state = WriterState::default();
-        given(&mut state, vec![record("Patient", "p1", patient("p1"), None)]);
-        given(&mut state, vec![record("Patient", "p1", patient("p1"), Some(1))]);
+        given(
+            &mut state,
+            vec![record("Patient", "p1", patient("p1"), None)],
+        );
+        given(
+            &mut state,
+            vec![record("Patient", "p1", patient("p1"), Some(1))],
+        );
         let mut journal = UndoJournal::default();
         let error = state
-            .plan(&command(vec![record("Patient", "p1", patient("p1"), Some(1))]), 2_000, &mut journal)
+            .plan(
+                &command(vec![record("Patient", "p1", patient("p1"), Some(1))]),
+                2_000,
+                &mut journal,
+            )
             .unwrap_err();
         assert_eq!(
             error,
@@ -625,17 +726,30 @@ mod tests {
     #[test]
     fn failed_transaction_leaves_no_trace() {
         let mut state = WriterState::default();
-        given(&mut state, vec![record("Patient", "p1", patient("p1"), None)]);
+        given(
+            &mut state,
+            vec![record("Patient", "p1", patient("p1"), None)],
+        );
         let before_seq = state.chart(state.patient_chart("p1").unwrap()).unwrap().seq;
         let mut journal = UndoJournal::default();
         let failing = command(vec![
             record("Observation", "o1", patient("p1"), None),
-            Operation::Retract { resource_type: "Patient".into(), resource_id: "p1".into(), if_match: None },
+            Operation::Retract {
+                resource_type: "Patient".into(),
+                resource_id: "p1".into(),
+                if_match: None,
+            },
             record("Observation", "o2", patient("missing"), None),
         ]);
         assert!(state.plan(&failing, 2_000, &mut journal).is_err());
-        assert!(state.resource("Observation", "o1").is_none(), "o1 must be rolled back");
-        assert!(state.is_live("Patient", "p1"), "the delete must be rolled back");
+        assert!(
+            state.resource("Observation", "o1").is_none(),
+            "o1 must be rolled back"
+        );
+        assert!(
+            state.is_live("Patient", "p1"),
+            "the delete must be rolled back"
+        );
         let chart = state.patient_chart("p1").unwrap();
         assert_eq!(state.chart(chart).unwrap().seq, before_seq);
     }
@@ -644,8 +758,20 @@ mod tests {
     fn undo_journal_reverts_whole_batch() {
         let mut state = WriterState::default();
         let mut journal = UndoJournal::default();
-        state.plan(&command(vec![record("Patient", "p1", patient("p1"), None)]), 1, &mut journal).unwrap();
-        state.plan(&command(vec![record("Observation", "o1", patient("p1"), None)]), 2, &mut journal).unwrap();
+        state
+            .plan(
+                &command(vec![record("Patient", "p1", patient("p1"), None)]),
+                1,
+                &mut journal,
+            )
+            .unwrap();
+        state
+            .plan(
+                &command(vec![record("Observation", "o1", patient("p1"), None)]),
+                2,
+                &mut journal,
+            )
+            .unwrap();
         state.undo(journal);
         assert_eq!(state.chart_count(), 0);
         assert!(state.patient_chart("p1").is_none());
@@ -655,10 +781,17 @@ mod tests {
     #[test]
     fn delete_then_read_state_is_gone() {
         let mut state = WriterState::default();
-        given(&mut state, vec![record("Patient", "p1", patient("p1"), None)]);
+        given(
+            &mut state,
+            vec![record("Patient", "p1", patient("p1"), None)],
+        );
         let events = given(
             &mut state,
-            vec![Operation::Retract { resource_type: "Patient".into(), resource_id: "p1".into(), if_match: Some(1) }],
+            vec![Operation::Retract {
+                resource_type: "Patient".into(),
+                resource_id: "p1".into(),
+                if_match: Some(1),
+            }],
         );
         assert_eq!(events.len(), 1);
         let head = state.resource("Patient", "p1").unwrap();
@@ -666,27 +799,45 @@ mod tests {
         assert_eq!(head.version, 2, "the delete takes a version of its own");
         let again = given(
             &mut state,
-            vec![Operation::Retract { resource_type: "Patient".into(), resource_id: "p1".into(), if_match: None }],
+            vec![Operation::Retract {
+                resource_type: "Patient".into(),
+                resource_id: "p1".into(),
+                if_match: None,
+            }],
         );
-        assert!(again.is_empty(), "deleting a deleted resource appends nothing");
+        assert!(
+            again.is_empty(),
+            "deleting a deleted resource appends nothing"
+        );
     }
 
     #[test]
     fn dangling_reference_is_rejected() {
         let mut state = WriterState::default();
-        given(&mut state, vec![record("Patient", "p1", patient("p1"), None)]);
+        given(
+            &mut state,
+            vec![record("Patient", "p1", patient("p1"), None)],
+        );
         let mut operation = record("Observation", "o1", patient("p1"), None);
         if let Operation::Record { references, .. } = &mut operation {
             references.push(("Practitioner".into(), "nobody".into()));
         }
         let mut journal = UndoJournal::default();
-        let error = state.plan(&command(vec![operation]), 5, &mut journal).unwrap_err();
-        assert!(matches!(error, CommandError::DanglingReference { .. }), "{error}");
+        let error = state
+            .plan(&command(vec![operation]), 5, &mut journal)
+            .unwrap_err();
+        assert!(
+            matches!(error, CommandError::DanglingReference { .. }),
+            "{error}"
+        );
     }
 
     #[test]
     fn instant_format_has_microseconds_and_zone() {
-        let text = format_instant(HlcTimestamp { wall_micros: 1_764_806_400_123_456, logical: 0 });
+        let text = format_instant(HlcTimestamp {
+            wall_micros: 1_764_806_400_123_456,
+            logical: 0,
+        });
         assert_eq!(text, "2025-12-04T00:00:00.123456Z");
     }
 }

@@ -100,11 +100,15 @@ impl DevIssuer {
             "nbf": now + not_before_offset,
             "exp": now.saturating_add(expires_offset),
         });
-        let pem = self.key.to_pkcs8_pem(Default::default()).map_err(|error| MintError(error.to_string()))?;
+        let pem = self
+            .key
+            .to_pkcs8_pem(Default::default())
+            .map_err(|error| MintError(error.to_string()))?;
         let encoding = jsonwebtoken::EncodingKey::from_ed_pem(pem.as_bytes())
             .map_err(|error| MintError(error.to_string()))?;
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         header.kid = Some(KEY_ID.to_owned());
-        jsonwebtoken::encode(&header, &claims, &encoding).map_err(|error| MintError(error.to_string()))
+        jsonwebtoken::encode(&header, &claims, &encoding)
+            .map_err(|error| MintError(error.to_string()))
     }
 }

@@ -33,11 +33,16 @@ pub enum KeyStoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A key file that this data directory was initialized with is gone.
+    #[error("key file {0} is missing; this data directory was initialized with it, so restore it from the key backup or point --key-file at it")]
+    Missing(PathBuf),
     /// A key file has the wrong length or encoding.
     #[error("key file {0} is invalid: expected 64 hexadecimal characters")]
     InvalidKeyFile(PathBuf),
     /// A key file can be read by users other than its owner.
-    #[error("key file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)")]
+    #[error(
+        "key file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)"
+    )]
     Permissions {
         /// Path of the file.
         path: PathBuf,
@@ -85,7 +90,10 @@ impl KeyPaths {
     /// Returns the default layout under a data directory: `DATA/keys/`.
     pub fn under(data_dir: &Path, kek_file: Option<PathBuf>) -> KeyPaths {
         let dir = data_dir.join("keys");
-        KeyPaths { kek_file: kek_file.unwrap_or_else(|| dir.join("kek.key")), dir }
+        KeyPaths {
+            kek_file: kek_file.unwrap_or_else(|| dir.join("kek.key")),
+            dir,
+        }
     }
 
     fn signing_key(&self) -> PathBuf {
@@ -98,6 +106,12 @@ impl KeyPaths {
 
     fn data_keys(&self) -> PathBuf {
         self.dir.join("data-keys")
+    }
+
+    /// Returns whether the key store was created already: then missing key files are an
+    /// error, never a reason to make new ones.
+    pub fn is_initialized(&self) -> bool {
+        self.data_keys().exists()
     }
 }
 
@@ -121,15 +135,25 @@ impl std::fmt::Debug for KeyStore {
 
 fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> KeyStoreError {
     let path = path.to_path_buf();
-    move |source| KeyStoreError::Io { path, action, source }
+    move |source| KeyStoreError::Io {
+        path,
+        action,
+        source,
+    }
 }
 
 /// Reads a 32-byte key stored as hex, checking that only the owner can read the file.
 fn read_key_file(path: &Path) -> Result<[u8; 32], KeyStoreError> {
-    let metadata = fs::metadata(path).map_err(io_error(path, "reading metadata"))?;
+    let metadata = fs::metadata(path).map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => KeyStoreError::Missing(path.to_path_buf()),
+        _ => io_error(path, "reading metadata")(error),
+    })?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(KeyStoreError::Permissions { path: path.to_path_buf(), mode });
+        return Err(KeyStoreError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     let mut text = fs::read_to_string(path).map_err(io_error(path, "reading"))?;
     let mut bytes = [0u8; 32];
@@ -153,7 +177,9 @@ fn create_key_file(path: &Path) -> Result<[u8; 32], KeyStoreError> {
         .mode(0o600)
         .open(path)
         .map_err(io_error(path, "creating"))?;
-    let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all());
     text.zeroize();
     written.map_err(io_error(path, "writing"))?;
     Ok(bytes)
@@ -199,8 +225,11 @@ impl KeyStore {
         let db_path = paths.data_keys();
         let mut options = rocksdb::Options::default();
         options.create_if_missing(create);
-        let db = rocksdb::DB::open(&options, &db_path)
-            .map_err(|source| KeyStoreError::Database { path: db_path.clone(), source })?;
+        let db =
+            rocksdb::DB::open(&options, &db_path).map_err(|source| KeyStoreError::Database {
+                path: db_path.clone(),
+                source,
+            })?;
 
         let store = KeyStore {
             kek,
@@ -235,7 +264,10 @@ impl KeyStore {
         let trusted = Self::load_trusted(paths, &signer)?;
         let db_path = paths.data_keys();
         let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &db_path, false)
-            .map_err(|source| KeyStoreError::Database { path: db_path.clone(), source })?;
+            .map_err(|source| KeyStoreError::Database {
+                path: db_path.clone(),
+                source,
+            })?;
         let store = KeyStore {
             kek,
             kek_fingerprint,
@@ -251,7 +283,10 @@ impl KeyStore {
     }
 
     /// Loads the trusted signer list, writing it with this node's public key when absent.
-    fn load_trusted(paths: &KeyPaths, signer: &NodeSigner) -> Result<TrustedSigners, KeyStoreError> {
+    fn load_trusted(
+        paths: &KeyPaths,
+        signer: &NodeSigner,
+    ) -> Result<TrustedSigners, KeyStoreError> {
         let path = paths.trusted_signers();
         let mut trusted = TrustedSigners::default();
         trusted.add(&signer.public_key());
@@ -261,7 +296,9 @@ impl KeyStore {
                     let mut key = [0u8; 32];
                     hex::decode_to_slice(line, &mut key)
                         .map_err(|_| KeyStoreError::InvalidKeyFile(path.clone()))?;
-                    trusted.add(&key).ok_or_else(|| KeyStoreError::InvalidKeyFile(path.clone()))?;
+                    trusted
+                        .add(&key)
+                        .ok_or_else(|| KeyStoreError::InvalidKeyFile(path.clone()))?;
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -278,14 +315,19 @@ impl KeyStore {
     fn load_chart_index(&self) -> Result<(), KeyStoreError> {
         let mut index = HashMap::new();
         for item in self.db.iterator(rocksdb::IteratorMode::Start) {
-            let (key, value) = item
-                .map_err(|source| KeyStoreError::Database { path: self.db_path.clone(), source })?;
+            let (key, value) = item.map_err(|source| KeyStoreError::Database {
+                path: self.db_path.clone(),
+                source,
+            })?;
             let key_id = KeyId::from_bytes(key.as_ref().try_into().unwrap_or([0u8; 16]));
             let record: WrappedKey =
                 postcard::from_bytes(&value).map_err(|_| KeyStoreError::Corrupt(key_id))?;
             index.insert(record.chart_id, key_id);
         }
-        *self.chart_keys.write().expect("chart key index lock is not poisoned") = index;
+        *self
+            .chart_keys
+            .write()
+            .expect("chart key index lock is not poisoned") = index;
         Ok(())
     }
 
@@ -306,7 +348,11 @@ impl KeyStore {
 
     /// Returns the data key id of a chart, when the chart has one.
     pub fn chart_key_id(&self, chart_id: ChartId) -> Option<KeyId> {
-        self.chart_keys.read().expect("chart key index lock is not poisoned").get(&chart_id).copied()
+        self.chart_keys
+            .read()
+            .expect("chart key index lock is not poisoned")
+            .get(&chart_id)
+            .copied()
     }
 
     /// Creates a data key for a new chart, durably stores it wrapped, and returns its id.
@@ -318,15 +364,28 @@ impl KeyStore {
         let key_id = KeyId::random();
         let data_key = SymmetricKey::generate();
         let wrapped = encrypt(&self.kek, &data_key.0, key_id.as_bytes());
-        let record = WrappedKey { chart_id, kek_fingerprint: self.kek_fingerprint, wrapped };
+        let record = WrappedKey {
+            chart_id,
+            kek_fingerprint: self.kek_fingerprint,
+            wrapped,
+        };
         let bytes = postcard::to_allocvec(&record).expect("wrapped key record serializes");
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
         self.db
             .put_opt(key_id.as_bytes(), bytes, &options)
-            .map_err(|source| KeyStoreError::Database { path: self.db_path.clone(), source })?;
-        self.cache.write().expect("data key cache lock is not poisoned").insert(key_id, Arc::new(data_key));
-        self.chart_keys.write().expect("chart key index lock is not poisoned").insert(chart_id, key_id);
+            .map_err(|source| KeyStoreError::Database {
+                path: self.db_path.clone(),
+                source,
+            })?;
+        self.cache
+            .write()
+            .expect("data key cache lock is not poisoned")
+            .insert(key_id, Arc::new(data_key));
+        self.chart_keys
+            .write()
+            .expect("chart key index lock is not poisoned")
+            .insert(chart_id, key_id);
         Ok(key_id)
     }
 
@@ -337,13 +396,21 @@ impl KeyStore {
     /// [`KeyStoreError::MissingDataKey`] when no such key exists (for example after the chart
     /// was crypto-shredded), [`KeyStoreError::Unwrap`] when the key-encryption key is wrong.
     pub fn data_key(&self, key_id: KeyId) -> Result<Arc<SymmetricKey>, KeyStoreError> {
-        if let Some(key) = self.cache.read().expect("data key cache lock is not poisoned").get(&key_id) {
+        if let Some(key) = self
+            .cache
+            .read()
+            .expect("data key cache lock is not poisoned")
+            .get(&key_id)
+        {
             return Ok(key.clone());
         }
         let bytes = self
             .db
             .get(key_id.as_bytes())
-            .map_err(|source| KeyStoreError::Database { path: self.db_path.clone(), source })?
+            .map_err(|source| KeyStoreError::Database {
+                path: self.db_path.clone(),
+                source,
+            })?
             .ok_or(KeyStoreError::MissingDataKey(key_id))?;
         let record: WrappedKey =
             postcard::from_bytes(&bytes).map_err(|_| KeyStoreError::Corrupt(key_id))?;
@@ -358,7 +425,10 @@ impl KeyStore {
         raw.zeroize();
         let key = Arc::new(SymmetricKey::from_bytes(key_bytes));
         key_bytes.zeroize();
-        self.cache.write().expect("data key cache lock is not poisoned").insert(key_id, key.clone());
+        self.cache
+            .write()
+            .expect("data key cache lock is not poisoned")
+            .insert(key_id, key.clone());
         Ok(key)
     }
 }
@@ -372,7 +442,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = KeyPaths::under(dir.path(), None);
         let (_store, created) = KeyStore::open(&paths, true).unwrap();
-        assert_eq!(created.len(), 2, "kek and signing key are created: {created:?}");
+        assert_eq!(
+            created.len(),
+            2,
+            "kek and signing key are created: {created:?}"
+        );
         for path in created {
             let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{} has mode {mode:o}", path.display());
@@ -392,7 +466,10 @@ mod tests {
             (key_id, sealed)
         };
         let (store, created) = KeyStore::open(&paths, true).unwrap();
-        assert!(created.is_empty(), "reopen must not create keys: {created:?}");
+        assert!(
+            created.is_empty(),
+            "reopen must not create keys: {created:?}"
+        );
         assert_eq!(store.chart_key_id(chart), Some(key_id));
         let opened = decrypt(&store.data_key(key_id).unwrap(), &sealed, b"").unwrap();
         assert_eq!(opened, plaintext);
@@ -405,7 +482,10 @@ mod tests {
         drop(KeyStore::open(&paths, true).unwrap());
         fs::set_permissions(&paths.kek_file, fs::Permissions::from_mode(0o644)).unwrap();
         let error = KeyStore::open(&paths, true).unwrap_err();
-        assert!(matches!(error, KeyStoreError::Permissions { mode: 0o644, .. }), "{error}");
+        assert!(
+            matches!(error, KeyStoreError::Permissions { mode: 0o644, .. }),
+            "{error}"
+        );
     }
 
     #[test]
@@ -427,6 +507,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = KeyPaths::under(dir.path(), None);
         let error = KeyStore::open(&paths, false).unwrap_err();
-        assert!(matches!(error, KeyStoreError::Io { .. }), "{error}");
+        assert!(matches!(error, KeyStoreError::Missing(_)), "{error}");
     }
 }

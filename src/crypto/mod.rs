@@ -81,7 +81,13 @@ pub fn encrypt(key: &SymmetricKey, plaintext: &[u8], associated_data: &[u8]) -> 
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let sealed = key
         .cipher()
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: associated_data })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: associated_data,
+            },
+        )
         // AES-GCM-SIV encryption only fails for plaintexts over 2^36 bytes; envelopes are
         // bounded far below that by MAX_ENVELOPE_BYTES.
         .expect("plaintext is below the AES-GCM-SIV length limit");
@@ -106,7 +112,13 @@ pub fn decrypt(
     }
     let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
     key.cipher()
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: associated_data })
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: associated_data,
+            },
+        )
         .map_err(|_| CryptoError::Decryption)
 }
 
@@ -185,7 +197,10 @@ pub fn seal_event(
     data_key: &SymmetricKey,
     signer: &NodeSigner,
 ) -> Envelope {
-    debug_assert_eq!(header.signer, signer.id, "header names the sealing node's key");
+    debug_assert_eq!(
+        header.signer, signer.id,
+        "header names the sealing node's key"
+    );
     let mut plaintext = payload.encode();
     let ciphertext = encrypt(data_key, &plaintext, &payload_binding(header));
     plaintext.zeroize();
@@ -217,10 +232,14 @@ pub fn check_envelope<'a>(
         return Err(CryptoError::DigestMismatch);
     }
     let signer = parsed.header.signer;
-    let key = signers.keys.get(&signer).ok_or(CryptoError::UnknownSigner(signer))?;
+    let key = signers
+        .keys
+        .get(&signer)
+        .ok_or(CryptoError::UnknownSigner(signer))?;
     let signature = Signature::from_bytes(&parsed.signature);
     debug_assert_eq!(parsed.signature.len(), SIGNATURE_LEN);
-    key.verify(parsed.signed, &signature).map_err(|_| CryptoError::BadSignature(signer))?;
+    key.verify(parsed.signed, &signature)
+        .map_err(|_| CryptoError::BadSignature(signer))?;
     Ok(CheckedEnvelope { parsed })
 }
 
@@ -234,7 +253,11 @@ pub fn open_payload(
     data_key: &SymmetricKey,
 ) -> Result<EventPayload, CryptoError> {
     let header = &checked.parsed.header;
-    let mut plaintext = decrypt(data_key, checked.parsed.ciphertext, &payload_binding(header))?;
+    let mut plaintext = decrypt(
+        data_key,
+        checked.parsed.ciphertext,
+        &payload_binding(header),
+    )?;
     let decoded = EventPayload::decode(header.event_type, header.schema_version, &plaintext);
     plaintext.zeroize();
     Ok(decoded?)
@@ -275,7 +298,10 @@ mod tests {
         let (header, payload, key, signer) = sample();
         let envelope = seal_event(&header, &payload, &key, &signer);
         let needle = b"Observation\",\"id\"";
-        assert!(!envelope.0.windows(needle.len()).any(|window| window == needle));
+        assert!(!envelope
+            .0
+            .windows(needle.len())
+            .any(|window| window == needle));
     }
 
     #[test]
@@ -287,7 +313,11 @@ mod tests {
             let mut bytes = envelope.0.clone();
             bytes[offset] ^= 0x40;
             let outcome = check_envelope(&bytes, &signers).and_then(|c| open_payload(&c, &key));
-            assert!(outcome.is_err(), "flipped byte {offset} of {} went unnoticed", bytes.len());
+            assert!(
+                outcome.is_err(),
+                "flipped byte {offset} of {} went unnoticed",
+                bytes.len()
+            );
         }
     }
 
@@ -331,7 +361,10 @@ mod tests {
         let envelope = seal_event(&header, &payload, &key, &signer);
         let checked = check_envelope(&envelope.0, &trusted(&signer)).unwrap();
         let other = SymmetricKey::from_bytes([1u8; 32]);
-        assert!(matches!(open_payload(&checked, &other), Err(CryptoError::Decryption)));
+        assert!(matches!(
+            open_payload(&checked, &other),
+            Err(CryptoError::Decryption)
+        ));
     }
 
     #[test]

@@ -65,8 +65,9 @@ fn last_position(db: &rocksdb::DB, path: &Path) -> Result<LogPosition, OpenError
             Ok(LogPosition(0))
         }
         Some(key) => {
-            let bytes: [u8; 8] =
-                key.try_into().map_err(|_| OpenError::Corrupt(path.to_path_buf()))?;
+            let bytes: [u8; 8] = key
+                .try_into()
+                .map_err(|_| OpenError::Corrupt(path.to_path_buf()))?;
             Ok(LogPosition(u64::from_be_bytes(bytes) + 1))
         }
     }
@@ -87,7 +88,10 @@ impl EmbeddedLog {
         // for the tail reads that projections make right after an append.
         options.set_compression_type(rocksdb::DBCompressionType::None);
         let db = rocksdb::DB::open_cf(&options, path, [DEFAULT_FAMILY, HEADS_FAMILY]).map_err(
-            |error| OpenError::Database { path: path.to_path_buf(), reason: error.into_string() },
+            |error| OpenError::Database {
+                path: path.to_path_buf(),
+                reason: error.into_string(),
+            },
         )?;
         Self::from_db(db, path)
     }
@@ -106,16 +110,20 @@ impl EmbeddedLog {
             false,
         )
         .map_err(|error| OpenError::Database {
-                path: path.to_path_buf(),
-                reason: error.into_string(),
-            })?;
+            path: path.to_path_buf(),
+            reason: error.into_string(),
+        })?;
         Self::from_db(db, path)
     }
 
     fn from_db(db: rocksdb::DB, path: &Path) -> Result<EmbeddedLog, OpenError> {
         let next = last_position(&db, path)?;
         let (end, _) = watch::channel(next);
-        Ok(EmbeddedLog { db, next: Mutex::new(next), end })
+        Ok(EmbeddedLog {
+            db,
+            next: Mutex::new(next),
+            end,
+        })
     }
 
     /// Returns the position one past the last entry.
@@ -130,12 +138,21 @@ impl EmbeddedLog {
     ///
     /// [`ReadError`] when the heads cannot be read or one is malformed.
     pub fn chart_heads(&self) -> Result<Vec<(ChartId, EventSeq, [u8; 32])>, ReadError> {
-        let failure = |source: Box<dyn std::error::Error + Send + Sync>| ReadError { position: LogPosition(0), source };
-        let heads = self.db.cf_handle(HEADS_FAMILY).ok_or_else(|| failure("heads column family missing".into()))?;
+        let failure = |source: Box<dyn std::error::Error + Send + Sync>| ReadError {
+            position: LogPosition(0),
+            source,
+        };
+        let heads = self
+            .db
+            .cf_handle(HEADS_FAMILY)
+            .ok_or_else(|| failure("heads column family missing".into()))?;
         let mut result = Vec::new();
-        for item in self.db.iterator_cf(&heads, rocksdb::IteratorMode::Start) {
+        for item in self.db.iterator_cf(heads, rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(|error| failure(error.into()))?;
-            let chart: [u8; 16] = key.as_ref().try_into().map_err(|_| failure("malformed chart head key".into()))?;
+            let chart: [u8; 16] = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| failure("malformed chart head key".into()))?;
             if value.len() != 40 {
                 return Err(failure("malformed chart head".into()));
             }
@@ -143,7 +160,11 @@ impl EmbeddedLog {
             seq.copy_from_slice(&value[..8]);
             let mut digest = [0u8; 32];
             digest.copy_from_slice(&value[8..]);
-            result.push((ChartId::from_bytes(chart), EventSeq(u64::from_be_bytes(seq)), digest));
+            result.push((
+                ChartId::from_bytes(chart),
+                EventSeq(u64::from_be_bytes(seq)),
+                digest,
+            ));
         }
         Ok(result)
     }
@@ -159,7 +180,10 @@ impl EventLog for EmbeddedLog {
         let mut next = self.next.lock().expect("log position lock is not poisoned");
         let mut batch = rocksdb::WriteBatch::default();
         let mut positions = Vec::with_capacity(envelopes.len());
-        let heads = self.db.cf_handle(HEADS_FAMILY).expect("heads column family is opened with the log");
+        let heads = self
+            .db
+            .cf_handle(HEADS_FAMILY)
+            .expect("heads column family is opened with the log");
         for (index, envelope) in envelopes.iter().enumerate() {
             let position = LogPosition(next.0 + index as u64);
             batch.put(position_key(position), &envelope.0);
@@ -169,12 +193,14 @@ impl EventLog for EmbeddedLog {
                 let mut head = Vec::with_capacity(40);
                 head.extend_from_slice(&parsed.header.seq.0.to_be_bytes());
                 head.extend_from_slice(&parsed.digest);
-                batch.put_cf(&heads, parsed.header.chart_id.as_bytes(), head);
+                batch.put_cf(heads, parsed.header.chart_id.as_bytes(), head);
             }
         }
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
-        self.db.write_opt(batch, &options).map_err(|error| AppendError::Storage(error.into()))?;
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|error| AppendError::Storage(error.into()))?;
         *next = LogPosition(next.0 + envelopes.len() as u64);
         self.end.send_replace(*next);
         Ok(positions)
@@ -196,10 +222,16 @@ impl EventLog for EmbeddedLog {
                 position: from,
                 source: "log key is not an 8-byte position".into(),
             })?;
-            entries.push((LogPosition(u64::from_be_bytes(bytes)), Envelope(value.to_vec())));
+            entries.push((
+                LogPosition(u64::from_be_bytes(bytes)),
+                Envelope(value.to_vec()),
+            ));
             iterator.next();
         }
-        iterator.status().map_err(|error| ReadError { position: from, source: error.into() })?;
+        iterator.status().map_err(|error| ReadError {
+            position: from,
+            source: error.into(),
+        })?;
         Ok(entries)
     }
 
@@ -239,7 +271,10 @@ mod tests {
         }
         let log = EmbeddedLog::open(dir.path(), true).unwrap();
         assert_eq!(log.len(), 2);
-        assert_eq!(log.append_batch(&[envelope(3)]).unwrap(), vec![LogPosition(2)]);
+        assert_eq!(
+            log.append_batch(&[envelope(3)]).unwrap(),
+            vec![LogPosition(2)]
+        );
     }
 
     #[test]

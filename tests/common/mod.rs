@@ -41,7 +41,11 @@ impl EventLog for ControlledLog {
         self.inner.append_batch(envelopes)
     }
 
-    fn read_from(&self, from: LogPosition, max: usize) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
+    fn read_from(
+        &self,
+        from: LogPosition,
+        max: usize,
+    ) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
         self.inner.read_from(from, max)
     }
 
@@ -51,12 +55,14 @@ impl EventLog for ControlledLog {
 }
 
 /// A running node and its router.
+// Fields drop in order: the router's writer handles go first, then the node closes its
+// databases, and only then is the data directory removed.
 pub struct TestNode {
-    pub dir: tempfile::TempDir,
-    pub node: Node,
     pub app: Router,
-    pub issuer: DevIssuer,
+    pub node: Node,
     pub log: Arc<ControlledLog>,
+    pub issuer: DevIssuer,
+    pub dir: tempfile::TempDir,
 }
 
 impl TestNode {
@@ -66,10 +72,17 @@ impl TestNode {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> TestNode {
-        let config = NodeConfig { data_dir: dir.path().to_path_buf(), kek_file: None };
+        let config = NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            kek_file: None,
+        };
         let mut controlled = None;
         let node = Node::open_with(&config, |inner| {
-            let log = Arc::new(ControlledLog { inner, failing: AtomicBool::new(false), appends: AtomicUsize::new(0) });
+            let log = Arc::new(ControlledLog {
+                inner,
+                failing: AtomicBool::new(false),
+                appends: AtomicUsize::new(0),
+            });
             controlled = Some(log.clone());
             log
         })
@@ -95,18 +108,35 @@ impl TestNode {
             authenticator: Arc::new(authenticator),
             base_url: BASE.into(),
         };
-        TestNode { dir, app: api::app(state), node, issuer, log: controlled.unwrap() }
+        TestNode {
+            app: api::app(state),
+            node,
+            log: controlled.unwrap(),
+            issuer,
+            dir,
+        }
     }
 
     /// Stops the node and returns its data directory, to reopen it.
     pub async fn stop(self) -> tempfile::TempDir {
-        drop(self.app);
-        self.node.shutdown().await;
-        self.dir
+        let TestNode {
+            app,
+            node,
+            log,
+            issuer,
+            dir,
+        } = self;
+        drop(app);
+        drop(log);
+        drop(issuer);
+        node.shutdown().await;
+        dir
     }
 
     pub fn token(&self, subject: &str, role: &str) -> String {
-        self.issuer.mint(subject, &[role], Duration::from_secs(600)).unwrap()
+        self.issuer
+            .mint(subject, &[role], Duration::from_secs(600))
+            .unwrap()
     }
 
     pub fn physician(&self) -> String {
@@ -118,7 +148,14 @@ impl TestNode {
         self.node.log.end_position().borrow().0
     }
 
-    pub async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut request = Request::builder().method(method).uri(uri);
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
@@ -129,14 +166,21 @@ impl TestNode {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request.body(body.map_or_else(Body::empty, |text| Body::from(text.to_owned()))).unwrap();
+        let request = request
+            .body(body.map_or_else(Body::empty, |text| Body::from(text.to_owned())))
+            .unwrap();
         let response = self.app.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8(bytes.to_vec()).unwrap();
         let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Reply { status, headers, text, json }
+        Reply {
+            status,
+            headers,
+            text,
+            json,
+        }
     }
 
     pub async fn get(&self, uri: &str) -> Reply {
@@ -146,24 +190,34 @@ impl TestNode {
 
     pub async fn post(&self, uri: &str, body: &str) -> Reply {
         let token = self.physician();
-        self.call(Method::POST, uri, Some(&token), Some(body), &[]).await
+        self.call(Method::POST, uri, Some(&token), Some(body), &[])
+            .await
     }
 
     pub async fn put(&self, uri: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
         let token = self.physician();
-        self.call(Method::PUT, uri, Some(&token), Some(body), headers).await
+        self.call(Method::PUT, uri, Some(&token), Some(body), headers)
+            .await
     }
 
     pub async fn delete(&self, uri: &str) -> Reply {
         let token = self.physician();
-        self.call(Method::DELETE, uri, Some(&token), None, &[]).await
+        self.call(Method::DELETE, uri, Some(&token), None, &[])
+            .await
     }
 
     /// Creates a resource and returns its server-assigned id.
     pub async fn create(&self, resource: &Value) -> String {
         let resource_type = resource["resourceType"].as_str().unwrap();
-        let reply = self.post(&format!("/fhir/{resource_type}"), &resource.to_string()).await;
-        assert_eq!(reply.status, StatusCode::CREATED, "create {resource_type}: {}", reply.text);
+        let reply = self
+            .post(&format!("/fhir/{resource_type}"), &resource.to_string())
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "create {resource_type}: {}",
+            reply.text
+        );
         reply.json["id"].as_str().unwrap().to_owned()
     }
 }
