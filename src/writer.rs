@@ -10,7 +10,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chartlog_schemas::{EventHeader, EventId};
+use chartlog_schemas::{EventHeader, EventId, EventPayload};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::command::state::UndoJournal;
@@ -51,6 +51,9 @@ pub struct WriteOutcome {
     /// Log position one past the command's last event, to wait for in projections. For a
     /// repeated command id, the end of the log when it was answered.
     pub end_position: LogPosition,
+    /// The stored JSON of each version written, in the order of the `Recorded` results, so a
+    /// handler can answer without reading the version back. Empty for a repeated command id.
+    pub bodies: Vec<String>,
 }
 
 struct Request {
@@ -152,6 +155,7 @@ fn run(
 struct Accepted {
     reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
     results: Vec<OperationResult>,
+    bodies: Vec<String>,
     last_event: Option<usize>,
 }
 
@@ -178,6 +182,7 @@ fn process_batch(
                 accepted.push(Accepted {
                     reply: request.reply,
                     results,
+                    bodies: Vec::new(),
                     last_event: None,
                 });
                 continue;
@@ -189,7 +194,11 @@ fn process_batch(
                     } else {
                         Some(planned.len() + events.len() - 1)
                     };
+                    let mut bodies = Vec::new();
                     for event in events {
+                        if let EventPayload::ResourceRecorded(recorded) = &event.payload {
+                            bodies.push(recorded.resource_json.clone());
+                        }
                         headers_meta.push((
                             command.actor.clone(),
                             command.purpose_of_use.clone(),
@@ -200,6 +209,7 @@ fn process_batch(
                     accepted.push(Accepted {
                         reply: request.reply,
                         results,
+                        bodies,
                         last_event,
                     });
                 }
@@ -351,6 +361,7 @@ fn answer_all(
                 Ok(WriteOutcome {
                     results: command.results,
                     end_position,
+                    bodies: command.bodies,
                 })
             }
             Err(WriteError::Append(error)) => Err(WriteError::Append(error.clone())),

@@ -21,6 +21,7 @@ use crate::auth::Action;
 use crate::command::state::format_instant;
 use crate::command::{ChartTarget, Command, Operation, OperationResult};
 use crate::fhir::{compartment, definitions, search, validate};
+use crate::writer::WriteOutcome;
 
 /// Default page size of searches and histories.
 const DEFAULT_PAGE: usize = 50;
@@ -312,6 +313,7 @@ async fn write_response(
     state: &AppState,
     headers: &HeaderMap,
     result: &OperationResult,
+    body: Option<String>,
 ) -> Result<Response, ApiError> {
     let OperationResult::Recorded {
         resource_type,
@@ -335,6 +337,8 @@ async fn write_response(
         header_text(headers, "prefer").is_some_and(|prefer| prefer.contains("return=minimal"));
     let mut response = if minimal {
         fhir_json(status, String::new())
+    } else if let Some(body) = body {
+        fhir_json(status, body)
     } else {
         let record = state
             .projection
@@ -365,13 +369,10 @@ async fn write_response(
 }
 
 /// Submits a command and waits until the projection shows its effect.
-pub async fn submit_and_wait(
-    state: &AppState,
-    command: Command,
-) -> Result<Vec<OperationResult>, ApiError> {
+pub async fn submit_and_wait(state: &AppState, command: Command) -> Result<WriteOutcome, ApiError> {
     let outcome = state.writer.submit(command).await?;
     state.wait_for_projection(outcome.end_position).await?;
-    Ok(outcome.results)
+    Ok(outcome)
 }
 
 fn command_id(headers: &HeaderMap) -> Result<Option<chartlog_schemas::CommandId>, ApiError> {
@@ -442,8 +443,9 @@ pub async fn create(
             references: prepared.references,
         }],
     };
-    let results = submit_and_wait(&state, command).await?;
-    write_response(&state, &headers, &results[0]).await
+    let outcome = submit_and_wait(&state, command).await?;
+    let body = outcome.bodies.into_iter().next();
+    write_response(&state, &headers, &outcome.results[0], body).await
 }
 
 /// `PUT /fhir/{type}/{id}`: update, or create with a client id; `If-Match` for optimistic
@@ -504,8 +506,9 @@ pub async fn update(
             references: prepared.references,
         }],
     };
-    let results = submit_and_wait(&state, command).await?;
-    write_response(&state, &headers, &results[0]).await
+    let outcome = submit_and_wait(&state, command).await?;
+    let body = outcome.bodies.into_iter().next();
+    write_response(&state, &headers, &outcome.results[0], body).await
 }
 
 /// `DELETE /fhir/{type}/{id}`: a retraction; history keeps every version.
@@ -529,7 +532,7 @@ pub async fn delete(
             if_match,
         }],
     };
-    let results = submit_and_wait(&state, command).await?;
+    let results = submit_and_wait(&state, command).await?.results;
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Some(OperationResult::Retracted {
         version: Some(version),

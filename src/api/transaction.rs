@@ -367,7 +367,7 @@ pub async fn transaction(
     let results = if command.operations.is_empty() {
         Vec::new()
     } else {
-        submit_and_wait(&state, command).await?
+        submit_and_wait(&state, command).await?.results
     };
     let mut by_index: HashMap<usize, OperationResult> = order.into_iter().zip(results).collect();
 

@@ -143,8 +143,12 @@ where
             let mut latencies = Vec::new();
             let interval =
                 rate_per_second.map(|rate| Duration::from_secs_f64(connections as f64 / rate));
-            let mut next_send =
-                Instant::now() + Duration::from_micros((worker as u64 * 997) % 5000);
+            // Spread the workers' first sends over one interval, so paced load arrives evenly
+            // instead of in bursts of one request per connection.
+            let offset = interval.map_or(Duration::ZERO, |interval| {
+                interval.mul_f64(worker as f64 / connections as f64)
+            });
+            let mut next_send = Instant::now() + offset;
             while started.elapsed() < duration {
                 if let Some(interval) = interval {
                     tokio::time::sleep_until(next_send.into()).await;

@@ -243,6 +243,22 @@ pub fn check_envelope<'a>(
     Ok(CheckedEnvelope { parsed })
 }
 
+/// Checks an envelope's layout and digest, but not its signature. For envelopes read back from
+/// this node's own projection, whose signatures were checked when they were projected; the
+/// AES-GCM-SIV tag still authenticates the payload when it is opened, so content that was not
+/// sealed under the chart's data key cannot pass.
+///
+/// # Errors
+///
+/// [`CryptoError::Layout`] or [`CryptoError::DigestMismatch`].
+pub fn check_stored_envelope(bytes: &[u8]) -> Result<CheckedEnvelope<'_>, CryptoError> {
+    let parsed = envelope::parse(bytes)?;
+    if !parsed.digest_matches() {
+        return Err(CryptoError::DigestMismatch);
+    }
+    Ok(CheckedEnvelope { parsed })
+}
+
 /// Decrypts and decodes the payload of a checked envelope with the chart's data key.
 ///
 /// # Errors
