@@ -743,3 +743,76 @@ async fn health_reports_projection_position() {
     assert_eq!(reply.json["status"], "ok");
     assert_eq!(reply.json["projections"]["chart"]["lag_events"], 0);
 }
+
+#[tokio::test]
+async fn rebuilt_projection_matches_live_one() {
+    let node = TestNode::start().await;
+    let patient_id = node.create(&patient("Rebuild", "Me", "1971-01-01")).await;
+    let observation = node
+        .create(&weight(&patient_id, "70.25", "2024-06-01T12:00:00Z"))
+        .await;
+    let mut changed = weight(&patient_id, "70.50", "2024-06-01T12:00:00Z");
+    changed["id"] = json!(observation);
+    let updated = node
+        .put(
+            &format!("/fhir/Observation/{observation}"),
+            &changed.to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK);
+    node.delete(&format!("/fhir/Observation/{observation}"))
+        .await;
+    node.get(&format!("/fhir/Patient/{patient_id}")).await;
+
+    let rebuilt_dir = tempfile::tempdir().unwrap();
+    let rebuilt = chartlog_projections::ChartProjection::open(rebuilt_dir.path()).unwrap();
+    while chartlog::projector::apply_next(node.node.log.as_ref(), &node.node.keys, &rebuilt)
+        .unwrap()
+        .is_some()
+    {}
+    // The last read appended an access event; let the live projection take it in too.
+    let end = chartlog::log::LogPosition(node.log_end());
+    node.node
+        .wait_for_projection(end, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let live = node.node.projection.dump().unwrap();
+    let rebuilt = rebuilt.dump().unwrap();
+    assert!(!live.is_empty());
+    assert_eq!(
+        rebuilt.len(),
+        live.len(),
+        "rebuilt and live projections hold different key counts"
+    );
+    let first_difference = live
+        .iter()
+        .zip(&rebuilt)
+        .position(|(left, right)| left != right);
+    assert_eq!(
+        first_difference, None,
+        "rebuilt and live projections differ at entry {first_difference:?}"
+    );
+}
+
+#[tokio::test]
+async fn search_across_charts_records_access_per_chart() {
+    let node = TestNode::start().await;
+    for index in 0..3 {
+        let patient_id = node
+            .create(&patient("Multi", &format!("Chart{index}"), "1980-01-01"))
+            .await;
+        node.create(&weight(&patient_id, "50.0", "2024-01-01"))
+            .await;
+    }
+    let before = node.log_end();
+    let reply = node
+        .get("/fhir/Observation?code=http://loinc.org|29463-7")
+        .await;
+    assert_eq!(reply.json["total"], 3);
+    assert_eq!(
+        node.log_end(),
+        before + 3,
+        "one access event per chart read"
+    );
+}
