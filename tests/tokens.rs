@@ -8,7 +8,6 @@ use base64::Engine;
 use chartlog::auth::{AuthError, Authenticator, IssuerConfig};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::EncodePrivateKey as _;
-use rsa::pkcs8::EncodePrivateKey as _;
 use rsa::traits::PublicKeyParts;
 
 const ISSUER: &str = "https://idp.hospital.test";
