@@ -10,6 +10,7 @@ pub use crate::crypto::dev_issuer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
@@ -57,6 +58,9 @@ pub enum AuthError {
 struct Claims {
     sub: String,
     iss: String,
+    exp: u64,
+    #[serde(default)]
+    nbf: Option<u64>,
     #[serde(default)]
     roles: Vec<String>,
     #[serde(default)]
@@ -101,6 +105,26 @@ pub struct Authenticator {
     issuers: HashMap<String, TrustedIssuer>,
     /// Allowed clock skew for `exp` and `nbf`.
     leeway: Duration,
+    /// Tokens whose signature and claims were checked, by the BLAKE3 digest of the token, with
+    /// their validity window; a hit skips the signature check, never the expiry check.
+    verified: Mutex<HashMap<[u8; 32], VerifiedToken>>,
+}
+
+/// Most tokens kept in the verified-token cache. A clinic's active sessions fit many times
+/// over; when it is full it is emptied, which costs one signature check per token.
+const MAX_CACHED_TOKENS: usize = 10_000;
+
+#[derive(Clone)]
+struct VerifiedToken {
+    principal: Principal,
+    not_before: u64,
+    expires: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 /// Error from loading issuer keys at start-up.
@@ -173,6 +197,7 @@ impl Authenticator {
         Ok(Authenticator {
             issuers: trusted,
             leeway: Duration::from_secs(30),
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -196,6 +221,18 @@ impl Authenticator {
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Missing)?;
+
+        let digest = *blake3::hash(token.as_bytes()).as_bytes();
+        let cached = self.verified.lock().expect("token cache lock is not poisoned").get(&digest).cloned();
+        if let Some(cached) = cached {
+            let now = unix_now();
+            let leeway = self.leeway.as_secs();
+            if now + leeway < cached.not_before || now > cached.expires.saturating_add(leeway) {
+                return Err(AuthError::Invalid("token expired or not yet valid".into()));
+            }
+            return Ok(cached.principal);
+        }
+
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let unverified_issuer = peek_issuer(token).ok_or(AuthError::Malformed)?;
         let issuer = self
@@ -237,11 +274,24 @@ impl Authenticator {
         if roles.is_empty() {
             return Err(AuthError::NoRole);
         }
-        Ok(Principal {
+        let principal = Principal {
             subject: claims.sub,
             issuer: claims.iss,
             roles,
-        })
+        };
+        let mut verified = self.verified.lock().expect("token cache lock is not poisoned");
+        if verified.len() >= MAX_CACHED_TOKENS {
+            verified.clear();
+        }
+        verified.insert(
+            digest,
+            VerifiedToken {
+                principal: principal.clone(),
+                not_before: claims.nbf.unwrap_or(0),
+                expires: claims.exp,
+            },
+        );
+        Ok(principal)
     }
 }
 
