@@ -8,6 +8,6 @@ source scripts/env.sh
 binary=${1:?usage: scripts/chartlog.sh chartlog|chartlog-replay|chartlog-bench ARGS...}
 shift
 bash scripts/setup.sh
-cargo build --quiet --locked --bin "$binary"
+cargo build --quiet --locked --workspace --bins
 cd - >/dev/null
 exec "$CARGO_TARGET_DIR/debug/$binary" "$@"

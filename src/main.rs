@@ -65,7 +65,10 @@ enum Commands {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHARTLOG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();

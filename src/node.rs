@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chartlog_projections::ChartProjection;
+use chartlog_schemas::{ChartId, EventSeq};
 use tokio::sync::watch;
 
 use crate::command::WriterState;
@@ -95,13 +96,44 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
             break;
         }
         for (at, envelope) in &entries {
+            if *at != position {
+                anyhow::bail!(
+                    "log entries at positions {position} to {} are missing; run chartlog-replay verify",
+                    at.0.saturating_sub(1)
+                );
+            }
             let (header, payload, digest) = projector::open_envelope(keys, *at, envelope)
                 .with_context(|| format!("replaying log entry {at} at start-up"))?;
+            let head = state.chart(header.chart_id);
+            let expected_seq = head.map_or(EventSeq::FIRST, |head| head.seq.next());
+            let expected_digest = head.map_or([0u8; 32], |head| head.digest);
+            if header.seq != expected_seq || header.prev_digest != expected_digest {
+                anyhow::bail!(
+                    "log entry {at} (chart {}, sequence {}) does not continue its chart's hash chain; run chartlog-replay verify",
+                    header.chart_id,
+                    header.seq
+                );
+            }
             state.replay(&header, &payload, digest);
             position = LogPosition(at.0 + 1);
         }
     }
     Ok(state)
+}
+
+/// Checks that every chart ends where the head recorded with its appends says.
+fn check_heads(state: &WriterState, heads: &[(ChartId, EventSeq, [u8; 32])]) -> anyhow::Result<()> {
+    for (chart_id, seq, digest) in heads {
+        let matches = state
+            .chart(*chart_id)
+            .is_some_and(|head| head.seq == *seq && head.digest == *digest);
+        if !matches {
+            anyhow::bail!(
+                "chart {chart_id} ends before its recorded head (sequence {seq}): events were removed from the log; run chartlog-replay verify"
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Node {
@@ -139,9 +171,19 @@ impl Node {
         }
         let keys = Arc::new(keys);
 
-        let log = EmbeddedLog::open(&config.log_dir(), true)
+        // A data directory whose keys exist was initialized with a log: a missing log is lost
+        // data, never a reason to start an empty one.
+        let log_dir = config.log_dir();
+        if created.is_empty() && !log_dir.exists() {
+            anyhow::bail!(
+                "the log at {} is missing; this data directory was initialized with one, so restore it from a backup",
+                log_dir.display()
+            );
+        }
+        let log = EmbeddedLog::open(&log_dir, true)
             .map_err(anyhow::Error::from)
             .map_err(|error| explain_lock(error, &data_dir))?;
+        let heads = log.chart_heads().context("reading the chart heads")?;
         let log: Arc<dyn EventLog> = wrap(Arc::new(log));
 
         let started = Instant::now();
@@ -149,6 +191,7 @@ impl Node {
             let (log, keys) = (log.clone(), keys.clone());
             tokio::task::spawn_blocking(move || rebuild_writer_state(log.as_ref(), &keys)).await??
         };
+        check_heads(&state, &heads)?;
         tracing::info!(
             charts = state.chart_count(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -159,6 +202,14 @@ impl Node {
             .map_err(anyhow::Error::from)
             .map_err(|error| explain_lock(error, &data_dir))?;
         let projection = Arc::new(projection);
+        let applied = projection.position()?;
+        let log_end = *log.end_position().borrow();
+        if applied > log_end.0 {
+            anyhow::bail!(
+                "the chart projection has applied {applied} log entries but the log holds only {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
+                log_end.0
+            );
+        }
 
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let (writer, writer_thread) =

@@ -7,6 +7,7 @@
 //! sync wait for the next batch, so under load many commands share one sync (group commit).
 //! When the append fails, the batch's state changes are undone and every command in it fails.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -66,6 +67,7 @@ struct Request {
 pub struct Writer {
     queue: mpsc::Sender<Request>,
     state: Arc<RwLock<WriterState>>,
+    appends_failing: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -77,11 +79,20 @@ impl Writer {
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_state = state.clone();
+        let appends_failing = Arc::new(AtomicBool::new(false));
+        let thread_failing = appends_failing.clone();
         let handle = std::thread::Builder::new()
             .name("chartlog-writer".into())
-            .spawn(move || run(receiver, log, keys, thread_state))
+            .spawn(move || run(receiver, log, keys, thread_state, thread_failing))
             .expect("the operating system can start the writer thread");
-        (Writer { queue, state }, handle)
+        (
+            Writer {
+                queue,
+                state,
+                appends_failing,
+            },
+            handle,
+        )
     }
 
     /// Submits a command and waits until it is durable or rejected.
@@ -106,7 +117,13 @@ impl Writer {
         Writer {
             queue,
             state: self.state.clone(),
+            appends_failing: self.appends_failing.clone(),
         }
+    }
+
+    /// Returns whether the writer thread still runs and its last append succeeded.
+    pub fn is_healthy(&self) -> bool {
+        !self.queue.is_closed() && !self.appends_failing.load(Ordering::Relaxed)
     }
 
     /// Returns whether no handle other than detached ones can still submit, so the writer
@@ -136,6 +153,7 @@ fn run(
     log: Arc<dyn EventLog>,
     keys: Arc<KeyStore>,
     state: Arc<RwLock<WriterState>>,
+    appends_failing: Arc<AtomicBool>,
 ) {
     tracing::info!("writer started");
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
@@ -147,7 +165,10 @@ fn run(
                 Err(_) => break,
             }
         }
-        process_batch(&mut batch, log.as_ref(), &keys, &state);
+        let appended = process_batch(&mut batch, log.as_ref(), &keys, &state);
+        if let Some(appended) = appended {
+            appends_failing.store(!appended, Ordering::Relaxed);
+        }
     }
     tracing::info!("writer stopped");
 }
@@ -159,12 +180,14 @@ struct Accepted {
     last_event: Option<usize>,
 }
 
+/// Plans, seals and appends one batch. Returns whether the append succeeded, or `None` when
+/// the batch needed no append.
 fn process_batch(
     batch: &mut Vec<Request>,
     log: &dyn EventLog,
     keys: &KeyStore,
     state: &RwLock<WriterState>,
-) {
+) -> Option<bool> {
     let wall_micros = now_micros();
     let mut journal = UndoJournal::default();
     let mut planned = Vec::new();
@@ -176,9 +199,15 @@ fn process_batch(
         let mut state = state.write().expect("writer state lock is not poisoned");
         for request in batch.drain(..) {
             let command = &request.command;
-            if let Some(results) = command.command_id.and_then(|id| state.command_results(id)) {
+            if let Some(repeated) = state.repeated_results(command) {
                 // A repeated command id takes effect once: answer with the first results.
-                let results = results.clone();
+                let results = match repeated {
+                    Ok(results) => results,
+                    Err(error) => {
+                        let _ = request.reply.send(Err(WriteError::Rejected(error)));
+                        continue;
+                    }
+                };
                 accepted.push(Accepted {
                     reply: request.reply,
                     results,
@@ -222,7 +251,7 @@ fn process_batch(
     if planned.is_empty() {
         let end = *log.end_position().borrow();
         answer_all(accepted, Ok(end), &[]);
-        return;
+        return None;
     }
 
     // Seal in order, chaining each event to its chart's previous digest.
@@ -236,7 +265,7 @@ fn process_batch(
                 .expect("writer state lock is not poisoned")
                 .undo(journal);
             answer_all(accepted, Err(WriteError::KeyStore(Arc::new(error))), &[]);
-            return;
+            return Some(false);
         }
     };
 
@@ -256,14 +285,19 @@ fn process_batch(
                 .last()
                 .map_or(LogPosition(0), |last| LogPosition(last.0 + 1));
             answer_all(accepted, Ok(end), &positions);
+            Some(true)
         }
         Err(error) => {
-            tracing::error!(error = %error, events = planned.len(), "log append failed; batch rejected");
+            let cause = std::error::Error::source(&error)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            tracing::error!(error = %error, cause, events = planned.len(), "log append failed; batch rejected");
             state
                 .write()
                 .expect("writer state lock is not poisoned")
                 .undo(journal);
             answer_all(accepted, Err(WriteError::Append(Arc::new(error))), &[]);
+            Some(false)
         }
     }
 }
@@ -338,10 +372,12 @@ fn sealing_start(
 }
 
 fn digest_of(envelope: &chartlog_schemas::Envelope) -> [u8; 32] {
-    // The envelope was just built by seal_event, so its layout is valid.
-    chartlog_schemas::envelope::parse(&envelope.0)
-        .map(|parsed| parsed.digest)
-        .expect("a freshly sealed envelope parses")
+    // The digest sits just before the signature at the end of every envelope.
+    use chartlog_schemas::envelope::{DIGEST_LEN, SIGNATURE_LEN};
+    let end = envelope.0.len() - SIGNATURE_LEN;
+    let mut digest = [0u8; DIGEST_LEN];
+    digest.copy_from_slice(&envelope.0[end - DIGEST_LEN..end]);
+    digest
 }
 
 fn answer_all(

@@ -816,3 +816,222 @@ async fn search_across_charts_records_access_per_chart() {
         "one access event per chart read"
     );
 }
+
+#[tokio::test]
+async fn command_id_reuse_by_others_is_rejected() {
+    let node = TestNode::start().await;
+    let patient_id = node.create(&patient("Reuse", "Id", "1970-01-01")).await;
+    let headers = [("x-command-id", "0f6c1b7e-2b1a-4c3d-9e8f-7a6b5c4d3e2f")];
+    let body = weight(&patient_id, "61.0", "2024-01-01").to_string();
+    let first = node
+        .call(
+            Method::POST,
+            "/fhir/Observation",
+            Some(&node.physician()),
+            Some(&body),
+            &headers,
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    let front_desk = node.token("desk-1", "front-desk");
+    let other_body = patient("Walk", "In", "1990-01-01").to_string();
+    let before = node.log_end();
+    let stolen = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            Some(&front_desk),
+            Some(&other_body),
+            &headers,
+        )
+        .await;
+    assert_eq!(stolen.status, StatusCode::CONFLICT, "{}", stolen.text);
+    assert!(
+        !stolen.text.contains("61.0"),
+        "another actor's resource leaked: {}",
+        stolen.text
+    );
+    let changed = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            Some(&node.physician()),
+            Some(&other_body),
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        changed.status,
+        StatusCode::CONFLICT,
+        "same actor, different request: {}",
+        changed.text
+    );
+    assert_eq!(node.log_end(), before, "rejected reuse wrote to the log");
+}
+
+#[tokio::test]
+async fn conditional_reference_needs_read_permission() {
+    let node = TestNode::start().await;
+    node.create(&patient("Probe", "Target", "1984-07-02")).await;
+    let administrator = node.token("admin-1", "administrator");
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Location", "name": "Ward", "managingOrganization": {"reference": "Patient?name=Probe"}},
+         "request": {"method": "POST", "url": "Location"}},
+    ]});
+    let reply = node
+        .call(
+            Method::POST,
+            "/fhir",
+            Some(&administrator),
+            Some(&bundle.to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
+
+    let typo = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            Some(&node.physician()),
+            Some(&patient("A", "B", "2000-01-01").to_string()),
+            &[("if-none-exist", "identifer=x")],
+        )
+        .await;
+    assert_eq!(
+        typo.status,
+        StatusCode::BAD_REQUEST,
+        "an unknown condition parameter must not match everything: {}",
+        typo.text
+    );
+}
+
+#[tokio::test]
+async fn oversized_resource_is_rejected_and_writer_survives() {
+    let node = TestNode::start().await;
+    let mut huge = patient("Big", "Body", "1970-01-01");
+    huge["name"][0]["family"] = json!("A".repeat(9 * 1024 * 1024));
+    let reply = node.post("/fhir/Patient", &huge.to_string()).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        &reply.text[..reply.text.len().min(300)]
+    );
+    node.create(&patient("Small", "After", "1970-01-01")).await;
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(health.json["status"], "ok");
+}
+
+#[tokio::test]
+async fn huge_offsets_and_zero_counts_are_safe() {
+    let node = TestNode::start().await;
+    let id = node.create(&patient("Page", "Edge", "1970-01-01")).await;
+    for uri in [
+        format!("/fhir/Patient/{id}/_history?_offset=18446744073709551615"),
+        "/fhir/Patient?_offset=18446744073709551615".to_owned(),
+        format!("/fhir/Patient/{id}/$everything?_offset=18446744073709551615"),
+    ] {
+        let reply = node.get(&uri).await;
+        assert_eq!(reply.status, StatusCode::OK, "{uri}: {}", reply.text);
+    }
+    let zero = node.get("/fhir/Patient?_count=0").await;
+    let has_next = zero.json["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|link| link["relation"] == "next");
+    assert!(
+        !has_next,
+        "_count=0 must not offer a next page that repeats itself"
+    );
+}
+
+#[tokio::test]
+async fn transaction_entries_are_checked_like_requests() {
+    let node = TestNode::start().await;
+    let cases = [
+        (
+            "bad id",
+            json!([{"resource": {"resourceType": "Patient", "id": "bad id"}, "request": {"method": "PUT", "url": "Patient/bad id"}}]),
+        ),
+        (
+            "id mismatch",
+            json!([{"resource": {"resourceType": "Patient", "id": "one"}, "request": {"method": "PUT", "url": "Patient/two"}}]),
+        ),
+        (
+            "same target twice",
+            json!([
+            {"resource": {"resourceType": "Patient", "id": "dup"}, "request": {"method": "PUT", "url": "Patient/dup"}},
+            {"resource": {"resourceType": "Patient", "id": "dup"}, "request": {"method": "PUT", "url": "Patient/dup"}}]),
+        ),
+        (
+            "same fullUrl twice",
+            json!([
+            {"fullUrl": "urn:uuid:9a8b7c6d-0000-4000-8000-000000000001", "resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "urn:uuid:9a8b7c6d-0000-4000-8000-000000000001", "resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}}]),
+        ),
+    ];
+    for (case, entries) in cases {
+        let before = node.log_end();
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+        let reply = node.post("/fhir", &bundle.to_string()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{case}: {}",
+            reply.text
+        );
+        assert_eq!(node.log_end(), before, "{case}: the log grew");
+    }
+}
+
+#[tokio::test]
+async fn start_refuses_a_log_that_lost_entries() {
+    let node = TestNode::start().await;
+    node.create(&patient("Lost", "Tail", "1970-01-01")).await;
+    node.create(&patient("Lost", "Tail2", "1970-01-01")).await;
+    let end = node.log_end();
+    let dir = node.stop().await;
+
+    // Remove the last entries and their heads, as a torn or truncated write-ahead log would.
+    {
+        let db = rocksdb::DB::open_cf(
+            &rocksdb::Options::default(),
+            dir.path().join("log"),
+            ["default", "heads"],
+        )
+        .unwrap();
+        db.delete((end - 1).to_be_bytes()).unwrap();
+        db.delete((end - 2).to_be_bytes()).unwrap();
+        let heads = db.cf_handle("heads").unwrap();
+        let keys: Vec<Box<[u8]>> = db
+            .iterator_cf(heads, rocksdb::IteratorMode::Start)
+            .map(|item| item.unwrap().0)
+            .collect();
+        for key in keys {
+            db.delete_cf(heads, key).unwrap();
+        }
+    }
+    let config = chartlog::node::NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        kek_file: None,
+    };
+    let error = chartlog::node::Node::open(&config)
+        .await
+        .err()
+        .expect("a node opened on a log that lost entries");
+    assert!(
+        format!("{error:#}").contains("entries were lost from the log"),
+        "{error:#}"
+    );
+
+    std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+    let error = chartlog::node::Node::open(&config)
+        .await
+        .err()
+        .expect("a node opened without its log");
+    assert!(format!("{error:#}").contains("log at"), "{error:#}");
+    assert!(format!("{error:#}").contains("is missing"), "{error:#}");
+}

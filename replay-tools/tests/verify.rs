@@ -42,6 +42,7 @@ fn write_sample_log(dir: &Path) {
                 actor: "tester".into(),
                 purpose_of_use: "TREAT".into(),
                 command_id: None,
+                fingerprint: None,
                 operations: vec![operation],
             };
             node.writer.submit(command).await.unwrap();

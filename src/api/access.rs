@@ -88,6 +88,7 @@ pub async fn record_access(
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
         command_id: None,
+        fingerprint: None,
         operations,
     };
     state.writer.submit(command).await.map_err(|error| {

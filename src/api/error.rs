@@ -153,6 +153,31 @@ impl ApiError {
         Self::single(StatusCode::CONFLICT, "conflict", None, diagnostics)
     }
 
+    /// 413 for a resource too large to store.
+    pub fn too_large(diagnostics: impl Into<String>) -> ApiError {
+        Self::single(StatusCode::PAYLOAD_TOO_LARGE, "too-long", None, diagnostics)
+    }
+
+    /// 415 for a body that is not declared as JSON.
+    pub fn unsupported_media_type() -> ApiError {
+        Self::single(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            None,
+            "unsupported Content-Type; send application/fhir+json",
+        )
+    }
+
+    /// 405 for a method the endpoint does not offer.
+    pub fn method_not_allowed() -> ApiError {
+        Self::single(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            None,
+            "method not allowed on this endpoint",
+        )
+    }
+
     /// 503 with Retry-After.
     pub fn unavailable(diagnostics: impl Into<String>) -> ApiError {
         let mut error = Self::single(
@@ -247,6 +272,8 @@ impl From<CommandError> for ApiError {
             CommandError::ChartChange { .. } => {
                 ApiError::unprocessable("business-rule", None, error.to_string())
             }
+            CommandError::TooLarge { .. } => ApiError::too_large(error.to_string()),
+            CommandError::CommandIdReused(_) => ApiError::conflict(error.to_string()),
         }
     }
 }
@@ -260,7 +287,7 @@ impl From<WriteError> for ApiError {
                 ApiError::unavailable("the log is not accepting writes; retry later")
             }
             WriteError::KeyStore(cause) => ApiError::internal("data key creation", &cause),
-            WriteError::Stopped => ApiError::unavailable("the server is shutting down"),
+            WriteError::Stopped => ApiError::unavailable("writes are unavailable on this node"),
         }
     }
 }

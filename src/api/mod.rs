@@ -183,6 +183,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/health", get(health))
         .fallback(|| async { ApiError::not_found_path() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
@@ -209,13 +210,15 @@ async fn health(
     let status = state.projector.borrow().clone();
     let log_end = *state.log.end_position().borrow();
     let lag = log_end.0.saturating_sub(status.applied);
-    let (code, node_state) = match &status.halted {
-        Some(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded"),
-        None => (axum::http::StatusCode::OK, "ok"),
+    let writer_healthy = state.writer.is_healthy();
+    let (code, node_state) = if status.halted.is_some() || !writer_healthy {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    } else {
+        (axum::http::StatusCode::OK, "ok")
     };
     let body = serde_json::json!({
         "status": node_state,
-        "log": {"backend": "embedded", "end_position": log_end.0},
+        "log": {"backend": "embedded", "end_position": log_end.0, "accepting_writes": writer_healthy},
         "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
     });
     (code, axum::Json(body)).into_response()

@@ -40,7 +40,7 @@ pub fn check_type(resource_type: &str) -> Result<(), ApiError> {
 }
 
 /// Checks a logical id from a URL.
-fn check_id(id: &str) -> Result<(), ApiError> {
+pub fn check_id(id: &str) -> Result<(), ApiError> {
     let valid = !id.is_empty()
         && id.len() <= 64
         && id
@@ -53,6 +53,30 @@ fn check_id(id: &str) -> Result<(), ApiError> {
             "id",
             "invalid resource id; expected 1 to 64 of A-Z, a-z, 0-9, '-' and '.'",
         ))
+    }
+}
+
+/// Checks that a request body is declared as FHIR JSON (or plain JSON) when its type is given.
+pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = header_text(headers, "content-type") else {
+        return Ok(());
+    };
+    let media_type = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if [
+        "application/fhir+json",
+        "application/json",
+        "application/json+fhir",
+    ]
+    .contains(&media_type.as_str())
+    {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type())
     }
 }
 
@@ -280,7 +304,14 @@ pub fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 pub fn parse_etag(text: &str) -> Option<u64> {
     let text = text.trim();
     let text = text.strip_prefix("W/").unwrap_or(text);
-    text.trim_matches('"').parse().ok()
+    let digits = match text.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"')?,
+        None => text,
+    };
+    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn etag(version: u64) -> HeaderValue {
@@ -375,8 +406,20 @@ pub async fn submit_and_wait(state: &AppState, command: Command) -> Result<Write
     Ok(outcome)
 }
 
-fn command_id(headers: &HeaderMap) -> Result<Option<chartlog_schemas::CommandId>, ApiError> {
-    match header_text(headers, "x-request-id").or_else(|| header_text(headers, "x-command-id")) {
+/// Returns the digest that identifies a request for a command id: method, path and body.
+pub fn request_fingerprint(method: &str, path: &str, body: &[u8]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(method.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(path.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(body);
+    *hasher.finalize().as_bytes()
+}
+
+/// Reads the client's `X-Command-Id`, which makes a retried write take effect once.
+pub fn command_id(headers: &HeaderMap) -> Result<Option<chartlog_schemas::CommandId>, ApiError> {
+    match header_text(headers, "x-command-id") {
         None => Ok(None),
         Some(text) => text
             .parse()
@@ -405,16 +448,16 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     caller.require(Action::Create, &resource_type)?;
+    check_content_type(&headers)?;
     let value = parse_body(&body)?;
 
     if let Some(condition) = header_text(&headers, "if-none-exist") {
         let pairs = query_pairs(Some(condition));
-        let matches = search_current(&state, &resource_type, &pairs).await?;
+        let matches = search_current(&state, &caller, &resource_type, &pairs).await?;
         match matches.len() {
             0 => {}
             1 => {
                 let record = &matches[0].0;
-                record_access(&state, &caller, "read", &[record], true).await?;
                 let mut response = fhir_json(StatusCode::OK, matches[0].1.to_string());
                 response.headers_mut().insert("etag", etag(record.version));
                 return Ok(response);
@@ -433,6 +476,7 @@ pub async fn create(
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
         command_id: command_id(&headers)?,
+        fingerprint: Some(request_fingerprint("POST", &resource_type, &body)),
         operations: vec![Operation::Record {
             resource_type: resource_type.clone(),
             resource_id: id,
@@ -474,6 +518,7 @@ pub async fn update(
         },
         &resource_type,
     )?;
+    check_content_type(&headers)?;
     let value = parse_body(&body)?;
     match value.get("id") {
         Some(Value::String(body_id)) if body_id == &id => {}
@@ -496,6 +541,11 @@ pub async fn update(
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
         command_id: command_id(&headers)?,
+        fingerprint: Some(request_fingerprint(
+            "PUT",
+            &format!("{resource_type}/{id}"),
+            &body,
+        )),
         operations: vec![Operation::Record {
             resource_type: resource_type.clone(),
             resource_id: id,
@@ -526,6 +576,11 @@ pub async fn delete(
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
         command_id: command_id(&headers)?,
+        fingerprint: Some(request_fingerprint(
+            "DELETE",
+            &format!("{resource_type}/{id}"),
+            &[],
+        )),
         operations: vec![Operation::Retract {
             resource_type,
             resource_id: id,
@@ -669,8 +724,8 @@ fn page_links(
         format!("{}/{path}?{}", state.base_url, serializer.finish())
     };
     let mut links = vec![serde_json::json!({"relation": "self", "url": link(page.offset)})];
-    if more {
-        links.push(serde_json::json!({"relation": "next", "url": link(page.offset + page.count)}));
+    if more && page.count > 0 {
+        links.push(serde_json::json!({"relation": "next", "url": link(page.offset.saturating_add(page.count))}));
     }
     if page.offset > 0 {
         links.push(serde_json::json!({"relation": "previous", "url": link(page.offset.saturating_sub(page.count))}));
@@ -743,7 +798,7 @@ pub async fn instance_history(
     if all.is_empty() {
         return Err(ApiError::not_found(&resource_type, &id));
     }
-    let more = all.len() > page.offset + page.count;
+    let more = all.len() > page.offset.saturating_add(page.count);
     let records: Vec<VersionRecord> = all.into_iter().skip(page.offset).take(page.count).collect();
     let path = format!("{resource_type}/{id}/_history");
     history_response(&state, &caller, &path, &pairs, &page, records, more).await
@@ -770,21 +825,33 @@ pub async fn type_history(
 
 /// Runs a search over current resources and returns every match with its parsed content,
 /// sorted. Used by searches and by conditional operations.
+///
+/// A condition reads health data to decide, so the caller needs read permission on the type,
+/// unknown parameters are rejected rather than ignored (an ignored typo would match every
+/// resource), and the resources that matched are recorded as accessed.
 pub async fn search_current(
     state: &AppState,
+    caller: &Caller,
     resource_type: &str,
     pairs: &[(String, String)],
 ) -> Result<Vec<(VersionRecord, Value)>, ApiError> {
-    let filtered: Vec<(String, String)> = pairs
-        .iter()
-        .filter(|(name, _)| name != "_offset")
-        .cloned()
-        .collect();
-    let query = search::parse_query(resource_type, &filtered)
-        .map_err(|error| ApiError::invalid("query", error.to_string()))?;
+    caller.require(Action::Read, resource_type)?;
+    if pairs.is_empty() {
+        return Err(ApiError::invalid(
+            "condition",
+            "a condition needs at least one search parameter",
+        ));
+    }
+    let query = search::parse_query(resource_type, pairs)
+        .map_err(|error| ApiError::invalid("condition", error.to_string()))?;
+    query
+        .reject_unknown_parameters()
+        .map_err(|error| ApiError::invalid("condition", error.to_string()))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-    let query = query.with_current_time(now);
-    run_search(state, query, None).await
+    let matched = run_search(state, query.with_current_time(now), None).await?;
+    let records: Vec<&VersionRecord> = matched.iter().map(|(record, _)| record).collect();
+    record_access(state, caller, "search", &records, false).await?;
+    Ok(matched)
 }
 
 async fn run_search(
@@ -894,7 +961,7 @@ async fn search_response(
     } else {
         matched.iter().skip(page.offset).take(page.count).collect()
     };
-    let more = !summary_count && total > page.offset + page.count;
+    let more = !summary_count && total > page.offset.saturating_add(page.count);
     let mut entries: Vec<Value> = shown
         .iter()
         .map(|(record, value)| {
@@ -906,7 +973,27 @@ async fn search_response(
         })
         .collect();
     if !unknown.is_empty() {
-        let names = unknown.join(", ");
+        // Only names shaped like parameter names are repeated back; anything else a client
+        // put where a name belongs could be health data.
+        let looks_like_name = |name: &&String| {
+            name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"_-.:".contains(&byte))
+        };
+        let shown: Vec<&String> = unknown.iter().filter(looks_like_name).collect();
+        let hidden = unknown.len() - shown.len();
+        let mut names = shown
+            .iter()
+            .map(|name| name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if hidden > 0 {
+            names.push_str(&format!(
+                "{}{hidden} malformed names",
+                if names.is_empty() { "" } else { ", " }
+            ));
+        }
         entries.push(serde_json::json!({
             "resource": {"resourceType": "OperationOutcome", "issue": [{
                 "severity": "warning", "code": "not-supported",
@@ -1074,7 +1161,7 @@ async fn everything(
         .skip(page.offset)
         .take(page.count)
         .collect();
-    let more = total > page.offset + page.count;
+    let more = total > page.offset.saturating_add(page.count);
     let mut entries = Vec::with_capacity(shown.len());
     for record in &shown {
         entries.push(serde_json::json!({
@@ -1128,5 +1215,7 @@ mod tests {
         assert_eq!(parse_etag("W/\"3\""), Some(3));
         assert_eq!(parse_etag("\"12\""), Some(12));
         assert_eq!(parse_etag("W/\"x\""), None);
+        assert_eq!(parse_etag("W/\"2"), None, "unbalanced quote");
+        assert_eq!(parse_etag("\"\"2\"\""), None, "doubled quotes");
     }
 }

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::rest::{
-    check_type, parse_body, parse_etag, prepare, query_pairs, search_current, submit_and_wait,
+    check_content_type, check_id, check_type, command_id, parse_body, parse_etag, prepare,
+    query_pairs, request_fingerprint, search_current, submit_and_wait,
 };
 use super::{ApiError, AppState, Caller};
 use crate::auth::roles::is_directory_type;
@@ -57,8 +58,10 @@ fn entry_error(index: usize, error: ApiError) -> ApiError {
 pub async fn transaction(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    check_content_type(&headers)?;
     let bundle = parse_body(&body)?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(ApiError::invalid(
@@ -102,8 +105,18 @@ pub async fn transaction(
     let mut planned = Vec::with_capacity(entries.len());
     let mut full_urls: HashMap<String, String> = HashMap::new();
     let mut created: HashSet<(String, String)> = HashSet::new();
+    // Every resource a transaction writes or deletes, so that no two entries target one.
+    let mut targets: HashSet<(String, String)> = HashSet::new();
     for (index, entry) in entries.iter().enumerate() {
         let at = |name: &str| format!("Bundle.entry[{index}].{name}");
+        if let Some(full_url) = entry.get("fullUrl").and_then(Value::as_str) {
+            if full_urls.contains_key(full_url) {
+                return Err(ApiError::invalid(
+                    &at("fullUrl"),
+                    "two entries have the same fullUrl",
+                ));
+            }
+        }
         let request = entry
             .get("request")
             .ok_or_else(|| ApiError::invalid(&at("request"), "missing request"))?;
@@ -116,6 +129,21 @@ pub async fn transaction(
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let resource_type = segments[0].to_owned();
         check_type(&resource_type).map_err(|error| entry_error(index, error))?;
+        if let Some(id) = segments.get(1) {
+            check_id(id).map_err(|error| entry_error(index, error))?;
+            if segments.len() > 2 {
+                return Err(ApiError::invalid(
+                    &at("request.url"),
+                    "expected a url of the form Type or Type/id",
+                ));
+            }
+            if !targets.insert((resource_type.clone(), (*id).to_owned())) {
+                return Err(ApiError::invalid(
+                    &at("request.url"),
+                    "two entries target the same resource",
+                ));
+            }
+        }
         let if_match = request
             .get("ifMatch")
             .and_then(Value::as_str)
@@ -130,10 +158,14 @@ pub async fn transaction(
                 let mut id = uuid::Uuid::new_v4().to_string();
                 let mut existing = None;
                 if let Some(condition) = request.get("ifNoneExist").and_then(Value::as_str) {
-                    let matches =
-                        search_current(&state, &resource_type, &query_pairs(Some(condition)))
-                            .await
-                            .map_err(|error| entry_error(index, error))?;
+                    let matches = search_current(
+                        &state,
+                        &caller,
+                        &resource_type,
+                        &query_pairs(Some(condition)),
+                    )
+                    .await
+                    .map_err(|error| entry_error(index, error))?;
                     match matches.len() {
                         0 => {}
                         1 => {
@@ -152,6 +184,12 @@ pub async fn transaction(
                 }
                 if let Some(full_url) = entry.get("fullUrl").and_then(Value::as_str) {
                     full_urls.insert(full_url.to_owned(), format!("{resource_type}/{id}"));
+                }
+                if existing.is_some() && !targets.insert((resource_type.clone(), id.clone())) {
+                    return Err(ApiError::invalid(
+                        &at("request"),
+                        "two entries target the same resource",
+                    ));
                 }
                 match existing {
                     Some(version) => planned.push(Planned::Existing {
@@ -198,6 +236,12 @@ pub async fn transaction(
                     .get("resource")
                     .cloned()
                     .ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
+                if value.get("id").and_then(Value::as_str) != Some(*id) {
+                    return Err(ApiError::invalid(
+                        &at("resource.id"),
+                        "a PUT entry's resource must carry the id of its request url",
+                    ));
+                }
                 if let Some(full_url) = entry.get("fullUrl").and_then(Value::as_str) {
                     full_urls.insert(full_url.to_owned(), format!("{resource_type}/{id}"));
                 }
@@ -284,7 +328,7 @@ pub async fn transaction(
                         conditional.split_once('?').unwrap_or((&conditional, ""));
                     check_type(target_type).map_err(|error| entry_error(index, error))?;
                     let matches =
-                        search_current(&state, target_type, &query_pairs(Some(condition)))
+                        search_current(&state, &caller, target_type, &query_pairs(Some(condition)))
                             .await
                             .map_err(|error| entry_error(index, error))?;
                     if matches.len() != 1 {
@@ -293,7 +337,10 @@ pub async fn transaction(
                             ApiError::unprocessable(
                                 "not-found",
                                 None,
-                                format!("conditional reference to {target_type} matches {} resources, expected exactly one", matches.len()),
+                                format!(
+                                    "conditional reference to {target_type} {}; it must match exactly one",
+                                    if matches.is_empty() { "matches no resource" } else { "matches more than one resource" }
+                                ),
                             ),
                         ));
                     }
@@ -358,7 +405,8 @@ pub async fn transaction(
     let command = Command {
         actor: caller.principal.subject.clone(),
         purpose_of_use: caller.purpose_of_use.clone(),
-        command_id: None,
+        command_id: command_id(&headers)?,
+        fingerprint: Some(request_fingerprint("POST", "", &body)),
         operations: operations
             .into_iter()
             .map(|(_, _, operation)| operation)

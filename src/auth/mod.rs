@@ -110,6 +110,10 @@ pub struct Authenticator {
     verified: Mutex<HashMap<[u8; 32], VerifiedToken>>,
 }
 
+/// Longest `sub` accepted, in bytes. Every event header carries the subject in clear, so it
+/// must be an identifier, not free text.
+const MAX_SUBJECT_BYTES: usize = 256;
+
 /// Most tokens kept in the verified-token cache. A clinic's active sessions fit many times
 /// over; when it is full it is emptied, which costs one signature check per token.
 const MAX_CACHED_TOKENS: usize = 10_000;
@@ -223,7 +227,12 @@ impl Authenticator {
             .ok_or(AuthError::Missing)?;
 
         let digest = *blake3::hash(token.as_bytes()).as_bytes();
-        let cached = self.verified.lock().expect("token cache lock is not poisoned").get(&digest).cloned();
+        let cached = self
+            .verified
+            .lock()
+            .expect("token cache lock is not poisoned")
+            .get(&digest)
+            .cloned();
         if let Some(cached) = cached {
             let now = unix_now();
             let leeway = self.leeway.as_secs();
@@ -261,10 +270,24 @@ impl Authenticator {
         validation.validate_nbf = true;
         validation.leeway = self.leeway.as_secs();
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map_err(|error| AuthError::Invalid(error.to_string()))?;
+        // The reason names the failed check only: decoder messages can quote claim values.
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|error| {
+            let reason = match error.kind() {
+                jsonwebtoken::errors::ErrorKind::Json(_) => "claims do not decode".to_owned(),
+                kind => format!("{kind:?}"),
+            };
+            AuthError::Invalid(reason)
+        })?;
 
         let claims = data.claims;
+        let valid_subject = !claims.sub.is_empty()
+            && claims.sub.len() <= MAX_SUBJECT_BYTES
+            && !claims.sub.chars().any(char::is_control);
+        if !valid_subject {
+            return Err(AuthError::Invalid(
+                "sub claim is empty, too long or has control characters".into(),
+            ));
+        }
         let mut names = claims.roles;
         names.extend(claims.role);
         let roles: Vec<Role> = names
@@ -279,7 +302,10 @@ impl Authenticator {
             issuer: claims.iss,
             roles,
         };
-        let mut verified = self.verified.lock().expect("token cache lock is not poisoned");
+        let mut verified = self
+            .verified
+            .lock()
+            .expect("token cache lock is not poisoned");
         if verified.len() >= MAX_CACHED_TOKENS {
             verified.clear();
         }

@@ -44,7 +44,6 @@ const DIRECTORY_TYPES: &[&str] = &[
     "Medication",
     "Endpoint",
     "HealthcareService",
-    "Device",
     "Substance",
 ];
 

@@ -11,6 +11,11 @@ use chartlog_schemas::{ChartAccessed, ChartId, CommandId};
 
 pub use state::{PlannedEvent, WriterState};
 
+/// Largest resource JSON one event carries, in bytes (8 MiB): half the envelope limit, so the
+/// header, encryption overhead and signature always fit. Larger documents belong in a
+/// Binary store referenced by a DocumentReference.
+pub const MAX_RESOURCE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Which chart an operation writes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChartTarget {
@@ -90,6 +95,9 @@ pub struct Command {
     pub purpose_of_use: String,
     /// Client-supplied id that makes a retried command take effect once.
     pub command_id: Option<CommandId>,
+    /// Digest of the request that carried the command id, so that reusing the id for another
+    /// request is rejected rather than answered with the first request's results.
+    pub fingerprint: Option<[u8; 32]>,
     /// The operations, applied in order.
     pub operations: Vec<Operation>,
 }
@@ -172,6 +180,17 @@ pub enum CommandError {
         /// Referenced id.
         resource_id: String,
     },
+    /// The resource is larger than one event may carry.
+    #[error("{resource_type} of {bytes} bytes exceeds the maximum of {MAX_RESOURCE_BYTES} bytes")]
+    TooLarge {
+        /// FHIR resource type.
+        resource_type: String,
+        /// Size of the resource's JSON.
+        bytes: usize,
+    },
+    /// A command id was reused by another actor or for another request.
+    #[error("command id {0} was already used for a different request")]
+    CommandIdReused(CommandId),
     /// An update would move a resource into another patient's chart.
     #[error("{resource_type}/{resource_id} belongs to another chart; moving resources between patients is not supported")]
     ChartChange {

@@ -55,6 +55,15 @@ impl PlannedEvent {
     }
 }
 
+/// What the state remembers of an applied command id.
+#[derive(Debug, Default)]
+struct CommandRecord {
+    actor: String,
+    /// Digest of the request; unknown for commands replayed from the log at start-up.
+    fingerprint: Option<[u8; 32]>,
+    results: Vec<OperationResult>,
+}
+
 /// An entry that restores one piece of state.
 #[derive(Debug)]
 enum Undo {
@@ -75,7 +84,7 @@ pub struct WriterState {
     charts: HashMap<ChartId, ChartHead>,
     resources: HashMap<(String, String), ResourceHead>,
     patients: HashMap<String, ChartId>,
-    commands: HashMap<CommandId, Vec<OperationResult>>,
+    commands: HashMap<CommandId, CommandRecord>,
     clock: HlcTimestamp,
 }
 
@@ -125,9 +134,28 @@ impl WriterState {
         self.patients.get(patient_id).copied()
     }
 
-    /// Returns the stored results of a command id that was applied before.
-    pub fn command_results(&self, command_id: CommandId) -> Option<&Vec<OperationResult>> {
-        self.commands.get(&command_id)
+    /// Returns the stored results when `command` repeats a command id that was applied
+    /// before, or an error when the id was applied for another actor or another request.
+    ///
+    /// # Errors
+    ///
+    /// [`CommandError::CommandIdReused`].
+    pub fn repeated_results(
+        &self,
+        command: &Command,
+    ) -> Option<Result<Vec<OperationResult>, CommandError>> {
+        let command_id = command.command_id?;
+        let record = self.commands.get(&command_id)?;
+        let same_request = match (record.fingerprint, command.fingerprint) {
+            (Some(first), Some(again)) => first == again,
+            // NOTE: fingerprints are kept in memory only, so after a restart a repeated id
+            // is matched by actor alone.
+            _ => true,
+        };
+        if record.actor != command.actor || !same_request {
+            return Some(Err(CommandError::CommandIdReused(command_id)));
+        }
+        Some(Ok(record.results.clone()))
     }
 
     /// Returns the number of charts.
@@ -269,7 +297,12 @@ impl WriterState {
             results.push(result);
         }
         if let Some(command_id) = command.command_id {
-            self.commands.insert(command_id, results.clone());
+            let record = CommandRecord {
+                actor: command.actor.clone(),
+                fingerprint: command.fingerprint,
+                results: results.clone(),
+            };
+            self.commands.insert(command_id, record);
             journal.0.push(Undo::Command(command_id));
         }
         Ok((events, results))
@@ -428,6 +461,12 @@ impl WriterState {
             );
         }
         let resource_json = serde_json::Value::Object(stored).to_string();
+        if resource_json.len() > super::MAX_RESOURCE_BYTES {
+            return Err(CommandError::TooLarge {
+                resource_type: resource_type.to_owned(),
+                bytes: resource_json.len(),
+            });
+        }
 
         events.push(PlannedEvent {
             chart_id,
@@ -604,7 +643,15 @@ impl WriterState {
             EventPayload::ChartAccessed(_) => Some(OperationResult::Accessed),
         };
         if let (Some(command_id), Some(result)) = (header.command_id, result) {
-            self.commands.entry(command_id).or_default().push(result);
+            let record = self
+                .commands
+                .entry(command_id)
+                .or_insert_with(|| CommandRecord {
+                    actor: header.actor.clone(),
+                    fingerprint: None,
+                    results: Vec::new(),
+                });
+            record.results.push(result);
         }
     }
 }
@@ -656,6 +703,7 @@ mod tests {
             actor: "dr-1".into(),
             purpose_of_use: "TREAT".into(),
             command_id: None,
+            fingerprint: None,
             operations,
         }
     }

@@ -87,6 +87,11 @@ impl EmbeddedLog {
         // Envelopes are ciphertext and do not compress; the default block cache is enough
         // for the tail reads that projections make right after an append.
         options.set_compression_type(rocksdb::DBCompressionType::None);
+        // Every acknowledged append was synced, so only an unacknowledged record at the very end
+        // of the write-ahead log may be incomplete after a crash. Anything else that does not
+        // check is corruption, and opening fails instead of silently dropping what follows.
+        options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+        options.set_paranoid_checks(true);
         let db = rocksdb::DB::open_cf(&options, path, [DEFAULT_FAMILY, HEADS_FAMILY]).map_err(
             |error| OpenError::Database {
                 path: path.to_path_buf(),
