@@ -1035,3 +1035,69 @@ async fn start_refuses_a_log_that_lost_entries() {
     assert!(format!("{error:#}").contains("log at"), "{error:#}");
     assert!(format!("{error:#}").contains("is missing"), "{error:#}");
 }
+
+#[tokio::test]
+async fn compliance_officer_reads_the_access_log() {
+    let node = TestNode::start().await;
+    let patient_id = node.create(&patient("Trail", "Audit", "1970-01-01")).await;
+    let nurse = node.token("nurse-7", "nurse");
+    let read = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Patient/{patient_id}"),
+            Some(&nurse),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+
+    let uri = format!("/fhir/Patient/{patient_id}/$access-log");
+    let physician_try = node.get(&uri).await;
+    assert_eq!(
+        physician_try.status,
+        StatusCode::FORBIDDEN,
+        "the audit trail needs the audit permission"
+    );
+
+    let officer = node.token("privacy-1", "compliance-officer");
+    let before = node.log_end();
+    let reply = node
+        .call(Method::GET, &uri, Some(&officer), None, &[])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let events = reply.json["entry"].as_array().unwrap();
+    let nurse_read = events
+        .iter()
+        .find(|entry| entry["resource"]["agent"][0]["who"]["identifier"]["value"] == "nurse-7");
+    let nurse_read = nurse_read.expect("the nurse's read is in the trail");
+    assert_eq!(nurse_read["resource"]["subtype"][0]["code"], "read");
+    assert_eq!(
+        nurse_read["resource"]["purposeOfEvent"][0]["coding"][0]["code"],
+        "TREAT"
+    );
+    let entity = nurse_read["resource"]["entity"][0]["what"]["reference"]
+        .as_str()
+        .unwrap();
+    assert_eq!(entity, format!("Patient/{patient_id}/_history/1"));
+    assert_eq!(
+        node.log_end(),
+        before + 1,
+        "reading the trail is itself recorded"
+    );
+
+    let officer_read = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Patient/{patient_id}"),
+            Some(&officer),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        officer_read.status,
+        StatusCode::FORBIDDEN,
+        "the audit role reads no clinical content"
+    );
+}

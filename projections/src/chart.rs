@@ -12,6 +12,7 @@
 //! | `t` type `\0` position | id `\0` version: the type's history in log order |
 //! | `m` chart id, type `\0` id | empty: resources of a chart that are not deleted |
 //! | `p` patient id | chart id |
+//! | `a` chart id, position | envelope of a chart-accessed event: the chart's access log |
 
 use std::path::{Path, PathBuf};
 
@@ -223,7 +224,12 @@ impl ChartProjection {
                 }
                 return;
             }
-            EventPayload::ChartAccessed(_) => return,
+            EventPayload::ChartAccessed(_) => {
+                let mut key = chart_prefix(b'a', chart_id);
+                key.extend_from_slice(&event.position.to_be_bytes());
+                batch.put(key, event.envelope);
+                return;
+            }
             EventPayload::ResourceRecorded(recorded) => (
                 &recorded.resource_type,
                 &recorded.resource_id,
@@ -424,6 +430,30 @@ impl ChartProjection {
             records.push(record);
         }
         Ok((records, more))
+    }
+
+    /// Returns a page of a chart's access events as stored envelopes with their log positions,
+    /// newest first, and whether more follow.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when storage fails.
+    pub fn chart_accesses(
+        &self,
+        chart_id: ChartId,
+        skip: usize,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, bool), ProjectionError> {
+        let prefix = chart_prefix(b'a', chart_id);
+        let (entries, more) = self.scan_prefix_reverse(&prefix, skip, limit)?;
+        let mut accesses = Vec::with_capacity(entries.len());
+        for (key, envelope) in entries {
+            let raw: [u8; 8] = key[prefix.len()..]
+                .try_into()
+                .map_err(|_| ProjectionError::Corrupt { prefix: 'a' })?;
+            accesses.push((u64::from_be_bytes(raw), envelope));
+        }
+        Ok((accesses, more))
     }
 
     /// Returns a page of a resource type's history, newest first, and whether more follow.

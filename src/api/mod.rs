@@ -6,6 +6,7 @@
 //! event and fails with 503 when that event cannot be made durable.
 
 mod access;
+mod audit;
 mod capability;
 mod error;
 mod rest;

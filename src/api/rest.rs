@@ -318,7 +318,7 @@ fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("W/\"{version}\"")).expect("an ETag of digits is a valid header")
 }
 
-fn fhir_json(status: StatusCode, body: String) -> Response {
+pub(super) fn fhir_json(status: StatusCode, body: String) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(
         "content-type",
@@ -667,12 +667,15 @@ pub async fn vread(
 }
 
 /// Paging parameters of histories and searches.
-struct Page {
-    count: usize,
-    offset: usize,
+pub(super) struct Page {
+    pub(super) count: usize,
+    pub(super) offset: usize,
 }
 
-fn page_from(pairs: &[(String, String)], count_hint: Option<usize>) -> Result<Page, ApiError> {
+pub(super) fn page_from(
+    pairs: &[(String, String)],
+    count_hint: Option<usize>,
+) -> Result<Page, ApiError> {
     let mut page = Page {
         count: count_hint.unwrap_or(DEFAULT_PAGE),
         offset: 0,
@@ -704,7 +707,7 @@ fn page_from(pairs: &[(String, String)], count_hint: Option<usize>) -> Result<Pa
     Ok(page)
 }
 
-fn page_links(
+pub(super) fn page_links(
     state: &AppState,
     path: &str,
     pairs: &[(String, String)],
@@ -1084,6 +1087,10 @@ pub async fn patient_compartment(
         return Err(ApiError::not_found_path());
     }
     check_id(&id)?;
+    if operation == "$access-log" {
+        let pairs = query_pairs(query.as_deref());
+        return super::audit::access_log(&state, &caller, &id, &pairs).await;
+    }
     caller.require(Action::Read, "Patient")?;
     let patient = current_record(&state, "Patient", &id)?;
     let chart = patient.chart_id;

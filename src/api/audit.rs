@@ -1,0 +1,149 @@
+//! The audit trail for compliance officers: `GET /fhir/Patient/{id}/$access-log` lists every
+//! read of the patient's chart, newest first, as FHIR AuditEvent resources.
+//!
+//! Each entry comes from a chart-accessed event on the log: who (the token subject), when, why
+//! (purpose of use), how (the FHIR interaction), from where (client address) and which
+//! resources. Reading the trail is itself recorded as an access of the chart.
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use chartlog_schemas::{ChartAccessed, EventHeader, EventPayload};
+use serde_json::{json, Value};
+
+use super::rest::{fhir_json, page_from, page_links};
+use super::{ApiError, AppState, Caller};
+use crate::auth::Action;
+use crate::command::state::format_instant;
+use crate::command::{Command, Operation};
+use crate::crypto;
+
+/// Decrypts one stored access event.
+fn open_access(
+    state: &AppState,
+    envelope: &[u8],
+) -> Result<(EventHeader, ChartAccessed), ApiError> {
+    let checked = crypto::check_stored_envelope(envelope)
+        .map_err(|error| ApiError::internal("stored access event integrity", &error))?;
+    let data_key = state
+        .keys
+        .data_key(checked.parsed.header.key_id)
+        .map_err(|error| ApiError::internal("data key", &error))?;
+    let payload = crypto::open_payload(&checked, &data_key)
+        .map_err(|error| ApiError::internal("stored access event decryption", &error))?;
+    match payload {
+        EventPayload::ChartAccessed(access) => Ok((checked.parsed.header.clone(), access)),
+        _ => Err(ApiError::internal(
+            "stored access event",
+            &"entry holds no access",
+        )),
+    }
+}
+
+/// Builds the AuditEvent of one access.
+fn audit_event(position: u64, header: &EventHeader, access: &ChartAccessed) -> Value {
+    // A search reads many resources at once (FHIR's audit action E, execute); every other
+    // interaction reads (R).
+    let action = if access.interaction == "search" {
+        "E"
+    } else {
+        "R"
+    };
+    let entities: Vec<Value> = access
+        .resources
+        .iter()
+        .map(|resource| {
+            let reference = match resource.version {
+                Some(version) => {
+                    format!(
+                        "{}/{}/_history/{version}",
+                        resource.resource_type, resource.resource_id
+                    )
+                }
+                None => format!("{}/{}", resource.resource_type, resource.resource_id),
+            };
+            json!({"what": {"reference": reference}})
+        })
+        .collect();
+    json!({
+        "resourceType": "AuditEvent",
+        "id": header.event_id.to_string(),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": access.interaction}],
+        "action": action,
+        "recorded": format_instant(header.recorded_at),
+        "outcome": "0",
+        "purposeOfEvent": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": header.purpose_of_use}]}],
+        "agent": [{
+            "who": {"identifier": {"value": header.actor}},
+            "requestor": true,
+            "network": {"address": access.client_address, "type": "2"},
+        }],
+        "source": {"observer": {"display": "chartlog"}, "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4"}]},
+        "entity": entities,
+        "extension": [{"url": "urn:chartlog:log-position", "valueUnsignedInt": position}],
+    })
+}
+
+/// Answers `GET /fhir/Patient/{id}/$access-log`.
+///
+/// # Errors
+///
+/// 403 without the audit permission, 404 for an unknown patient, 503 when the reading of the
+/// trail cannot itself be recorded.
+pub async fn access_log(
+    state: &AppState,
+    caller: &Caller,
+    patient_id: &str,
+    pairs: &[(String, String)],
+) -> Result<Response, ApiError> {
+    caller.require(Action::ViewAudit, "Patient")?;
+    let chart = state
+        .projection
+        .patient_chart(patient_id)
+        .map_err(|error| ApiError::internal("projection read", &error))?
+        .ok_or_else(|| ApiError::not_found("Patient", patient_id))?;
+    // Reads do not wait for their own access events to be projected, so the trail first
+    // catches up with everything on the log.
+    let log_end = *state.log.end_position().borrow();
+    state.wait_for_projection(log_end).await?;
+    let page = page_from(pairs, None)?;
+    let (accesses, more) = state
+        .projection
+        .chart_accesses(chart, page.offset, page.count)
+        .map_err(|error| ApiError::internal("projection read", &error))?;
+    let mut entries = Vec::with_capacity(accesses.len());
+    for (position, envelope) in &accesses {
+        let (header, access) = open_access(state, envelope)?;
+        entries.push(json!({"resource": audit_event(*position, &header, &access)}));
+    }
+
+    let reading = Command {
+        actor: caller.principal.subject.clone(),
+        purpose_of_use: caller.purpose_of_use.clone(),
+        command_id: None,
+        fingerprint: None,
+        operations: vec![Operation::Access {
+            chart_id: chart,
+            access: ChartAccessed {
+                interaction: "audit".into(),
+                resources: Vec::new(),
+                client_address: caller.client_address.clone(),
+            },
+        }],
+    };
+    state.writer.submit(reading).await.map_err(|error| {
+        tracing::error!(error = %error, "audit read not recorded; refused");
+        ApiError::unavailable(
+            "the access could not be recorded, so the read was refused; retry later",
+        )
+    })?;
+
+    let path = format!("Patient/{patient_id}/$access-log");
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "collection",
+        "link": page_links(state, &path, pairs, &page, more),
+        "entry": entries,
+    });
+    Ok(fhir_json(StatusCode::OK, bundle.to_string()))
+}
