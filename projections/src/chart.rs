@@ -26,6 +26,9 @@ const POSITION_KEY: &[u8] = b"!position";
 /// Raw key-value pairs read from the projection.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Stored access-event envelopes, each with its log position.
+pub type Accesses = Vec<(u64, Vec<u8>)>;
+
 /// Error from the chart projection.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -443,7 +446,7 @@ impl ChartProjection {
         chart_id: ChartId,
         skip: usize,
         limit: usize,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, bool), ProjectionError> {
+    ) -> Result<(Accesses, bool), ProjectionError> {
         let prefix = chart_prefix(b'a', chart_id);
         let (entries, more) = self.scan_prefix_reverse(&prefix, skip, limit)?;
         let mut accesses = Vec::with_capacity(entries.len());
