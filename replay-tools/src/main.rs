@@ -36,6 +36,10 @@ enum Commands {
         /// Key-encryption key file [default: DATA/keys/kek.key].
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// File of trusted Ed25519 public keys, hex, one per line, kept apart from the data
+        /// directory; only their signatures are accepted [default: DATA/keys/trusted-signers].
+        #[arg(long)]
+        trusted_signers: Option<PathBuf>,
     },
     /// Deletes the chart projection and rebuilds it from the log. The server must be stopped.
     Rebuild {
@@ -51,7 +55,11 @@ enum Commands {
 fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Commands::Verify { data, key_file } => verify(&data, key_file),
+        Commands::Verify {
+            data,
+            key_file,
+            trusted_signers,
+        } => verify(&data, key_file, trusted_signers.as_deref()),
         Commands::Rebuild { data, key_file } => rebuild(&data, key_file),
     };
     match outcome {
@@ -101,8 +109,35 @@ fn print_report(report: &VerifyReport) {
     );
 }
 
-fn verify(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
-    let keys = open_keys(data, key_file.clone())?;
+/// Reads a file of hex Ed25519 public keys, one per line.
+fn read_trusted_signers(path: &Path) -> anyhow::Result<chartlog::crypto::TrustedSigners> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read trusted signers file {}", path.display()))?;
+    let mut trusted = chartlog::crypto::TrustedSigners::default();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+    {
+        let mut key = [0u8; 32];
+        let valid =
+            hex::decode_to_slice(line.trim(), &mut key).is_ok() && trusted.add(&key).is_some();
+        if !valid {
+            anyhow::bail!(
+                "{} line {}: expected a 64-character hex Ed25519 public key",
+                path.display(),
+                number + 1
+            );
+        }
+    }
+    Ok(trusted)
+}
+
+fn verify(data: &Path, key_file: Option<PathBuf>, pinned: Option<&Path>) -> anyhow::Result<bool> {
+    let mut keys = open_keys(data, key_file.clone())?;
+    if let Some(path) = pinned {
+        keys.set_trusted_signers(read_trusted_signers(path)?);
+    }
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: key_file,
@@ -133,8 +168,13 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
         data_dir: data.to_path_buf(),
         kek_file: key_file,
     };
-    let log = EmbeddedLog::open_read_only(&config.log_dir())
-        .with_context(|| format!("cannot open the log of {}", data.display()))?;
+    // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
+    let log = EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
+        format!(
+            "cannot open the log of {}; stop the server first",
+            data.display()
+        )
+    })?;
     let projection_dir = config.chart_projection_dir();
     let started = Instant::now();
     if projection_dir.exists() {

@@ -222,3 +222,24 @@ fn verify_of_missing_directory_fails_cleanly() {
     assert!(output.contains("does not exist"), "{output}");
     assert_eq!(output.lines().count(), 1, "a one-line message: {output}");
 }
+
+#[test]
+fn pinned_signers_reject_the_directory_key() {
+    let (dir, _) = sample();
+    let other = chartlog::crypto::NodeSigner::from_seed(&[3u8; 32]);
+    let pinned = dir.path().join("expected-signers");
+    std::fs::write(&pinned, format!("{}\n", hex::encode(other.public_key()))).unwrap();
+    let output = Process::new(env!("CARGO_BIN_EXE_chartlog-replay"))
+        .args(["verify", "--data"])
+        .arg(dir.path())
+        .arg("--trusted-signers")
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a log signed by an unpinned key passed"
+    );
+    assert!(text.contains("signed by untrusted key"), "{text}");
+}

@@ -336,6 +336,12 @@ impl KeyStore {
         &self.signer
     }
 
+    /// Replaces the trusted public keys, for a verifier that pins the signers it expects
+    /// instead of trusting the list kept in the data directory.
+    pub fn set_trusted_signers(&mut self, trusted: TrustedSigners) {
+        self.trusted = trusted;
+    }
+
     /// Returns the public keys whose signatures this node accepts.
     pub fn trusted_signers(&self) -> &TrustedSigners {
         &self.trusted

@@ -108,8 +108,11 @@ impl EmbeddedLog {
     ///
     /// [`OpenError`] when the database cannot be opened or is not a Chartlog log.
     pub fn open_read_only(path: &Path) -> Result<EmbeddedLog, OpenError> {
+        let mut options = rocksdb::Options::default();
+        options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+        options.set_paranoid_checks(true);
         let db = rocksdb::DB::open_cf_for_read_only(
-            &rocksdb::Options::default(),
+            &options,
             path,
             [DEFAULT_FAMILY, HEADS_FAMILY],
             false,
