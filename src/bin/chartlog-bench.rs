@@ -5,8 +5,9 @@
 //!
 //! Phases: (1) saturate with writes (each a new Observation, durable before the answer);
 //! (2) saturate with reads (each appends a durable access event before the answer); (3) offer
-//! half the measured write rate and half the read rate, paced, and report their latency;
-//! (4) the baselines: one synced RocksDB append per envelope, and batches of 64 per sync.
+//! half the measured write rate and half the read rate, paced; (4) offer fixed rates, by default
+//! half the targets; (5) the baselines: one synced RocksDB append per envelope, and batches of
+//! 64 per sync.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,14 @@ struct Args {
     /// Seconds each saturation phase runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Offered write rate, per second, of the paced write phase: half the 5,000 writes/s that
+    /// Chartlog targets on 2 cores.
+    #[arg(long, default_value_t = 2500.0)]
+    write_rate: f64,
+    /// Offered read rate, per second, of the paced read phase: half the 10,000 audited
+    /// reads/s that Chartlog targets on 2 cores.
+    #[arg(long, default_value_t = 5000.0)]
+    read_rate: f64,
     /// Concurrent HTTP connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -313,7 +322,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         args.connections,
         duration,
         Some(writes.per_second() / 2.0),
-        write_step,
+        write_step.clone(),
     )
     .await?;
     let half_reads = run_phase(
@@ -321,9 +330,13 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         args.connections,
         duration,
         Some(reads.per_second() / 2.0),
-        read_step,
+        read_step.clone(),
     )
     .await?;
+    let paced_writes =
+        run_phase(address, args.connections, duration, Some(args.write_rate), write_step).await?;
+    let paced_reads =
+        run_phase(address, args.connections, duration, Some(args.read_rate), read_step).await?;
 
     // The envelope size of a typical write, measured from the log itself.
     let sample = node.log.read_from(
@@ -367,8 +380,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     };
     row("chart writes, saturated", &writes);
     row("audited reads, saturated", &reads);
-    row("chart writes, half load", &half_writes);
-    row("audited reads, half load", &half_reads);
+    row("chart writes, half of measured", &half_writes);
+    row("audited reads, half of measured", &half_reads);
+    row(&format!("chart writes, offered {:.0}/s", args.write_rate), &paced_writes);
+    row(&format!("audited reads, offered {:.0}/s", args.read_rate), &paced_reads);
     println!(
         "| raw RocksDB synced appends, 1 per sync | {baseline_single:.0} | | | 1.00 | {:.2} |",
         baseline_single / baseline_batched
