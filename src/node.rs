@@ -21,7 +21,7 @@ use crate::log::{EmbeddedLog, EventLog, LogPosition};
 use crate::projector::{self, ProjectorStatus};
 use crate::writer::Writer;
 
-/// Where a node keeps its files.
+/// File locations of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// The data directory.

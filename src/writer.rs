@@ -27,7 +27,7 @@ pub const MAX_BATCH_COMMANDS: usize = 512;
 /// Bound of the writer's queue. Callers wait for room beyond it, which pushes back on clients.
 pub const QUEUE_CAPACITY: usize = 8192;
 
-/// Why a submitted command did not take effect.
+/// Failure of a submitted command; in every case nothing of it was written.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// The command's preconditions failed; nothing was written.
@@ -44,7 +44,7 @@ pub enum WriteError {
     Stopped,
 }
 
-/// What a command produced.
+/// Outcome of a command that took effect.
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
     /// Result of each operation.

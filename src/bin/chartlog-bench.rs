@@ -258,7 +258,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         let (status, reply) = setup
             .request("POST", "/fhir/Patient", &token, &body)
             .await?;
-        anyhow::ensure!(status == 201, "patient create answered {status}");
+        anyhow::ensure!(
+            status == 201,
+            "patient create returned status {status}, expected 201"
+        );
         let value: serde_json::Value = serde_json::from_str(&reply)?;
         patients.push(value["id"].as_str().context("patient id")?.to_owned());
     }
@@ -275,7 +278,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 let (status, reply) = connection
                     .request("POST", "/fhir/Observation", &token, &body)
                     .await?;
-                anyhow::ensure!(status == 201, "write answered {status}");
+                anyhow::ensure!(
+                    status == 201,
+                    "write returned status {status}, expected 201"
+                );
                 if index % 16 == 0 {
                     if let Some(id) =
                         serde_json::from_str::<serde_json::Value>(&reply)?["id"].as_str()
@@ -310,7 +316,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 let (status, _) = connection
                     .request("GET", &format!("/fhir/Observation/{id}"), &token, "")
                     .await?;
-                anyhow::ensure!(status == 200, "read answered {status}");
+                anyhow::ensure!(status == 200, "read returned status {status}, expected 200");
                 Ok((connection, index))
             }
         }
@@ -333,10 +339,22 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         read_step.clone(),
     )
     .await?;
-    let paced_writes =
-        run_phase(address, args.connections, duration, Some(args.write_rate), write_step).await?;
-    let paced_reads =
-        run_phase(address, args.connections, duration, Some(args.read_rate), read_step).await?;
+    let paced_writes = run_phase(
+        address,
+        args.connections,
+        duration,
+        Some(args.write_rate),
+        write_step,
+    )
+    .await?;
+    let paced_reads = run_phase(
+        address,
+        args.connections,
+        duration,
+        Some(args.read_rate),
+        read_step,
+    )
+    .await?;
 
     // The envelope size of a typical write, measured from the log itself.
     let sample = node.log.read_from(
@@ -382,8 +400,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     row("audited reads, saturated", &reads);
     row("chart writes, half of measured", &half_writes);
     row("audited reads, half of measured", &half_reads);
-    row(&format!("chart writes, offered {:.0}/s", args.write_rate), &paced_writes);
-    row(&format!("audited reads, offered {:.0}/s", args.read_rate), &paced_reads);
+    row(
+        &format!("chart writes, offered {:.0}/s", args.write_rate),
+        &paced_writes,
+    );
+    row(
+        &format!("audited reads, offered {:.0}/s", args.read_rate),
+        &paced_reads,
+    );
     println!(
         "| raw RocksDB synced appends, 1 per sync | {baseline_single:.0} | | | 1.00 | {:.2} |",
         baseline_single / baseline_batched

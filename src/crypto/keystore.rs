@@ -27,7 +27,7 @@ pub enum KeyStoreError {
     Io {
         /// Path of the file.
         path: PathBuf,
-        /// What was attempted.
+        /// The attempted action.
         action: &'static str,
         /// Cause.
         #[source]
@@ -77,7 +77,7 @@ struct WrappedKey {
     wrapped: Vec<u8>,
 }
 
-/// Where the key store keeps its files.
+/// File locations of a key store.
 #[derive(Clone, Debug)]
 pub struct KeyPaths {
     /// The key-encryption key file.

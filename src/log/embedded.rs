@@ -294,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn read_only_open_sees_entries_while_writer_holds_log() {
+    fn read_only_open_beside_writer() {
         let dir = tempfile::tempdir().unwrap();
         let writer = EmbeddedLog::open(dir.path(), true).unwrap();
         writer.append_batch(&[envelope(5)]).unwrap();
