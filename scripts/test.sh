@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting and lints, then every unit and end-to-end test
-# against real RocksDB. Installs missing build packages first.
+# Runs the whole test suite: formatting and lints, every unit and end-to-end test against real
+# RocksDB, then the end-to-end tests again against a real Apache Kafka broker, which this
+# script starts on loopback (compose/kafka.sh) and stops at the end. Installs missing build
+# packages first.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,4 +11,17 @@ bash scripts/setup.sh
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests on the embedded log"
 cargo test --workspace --locked
+
+echo "== tests on a real Kafka broker"
+bash compose/kafka.sh fetch
+bash compose/kafka.sh start
+trap 'bash compose/kafka.sh stop' EXIT
+bash compose/kafka.sh wait --timeout 120
+export CHARTLOG_TEST_KAFKA_BOOTSTRAP
+CHARTLOG_TEST_KAFKA_BOOTSTRAP=$(bash compose/kafka.sh bootstrap)
+CHARTLOG_TEST_LOG=kafka cargo test --locked --test api --test corpus
+# The fault tests stop and restart the broker, so they run alone, one at a time.
+CHARTLOG_TEST_LOG=kafka cargo test --locked --test kafka -- --test-threads=1

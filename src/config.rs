@@ -8,6 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::auth::IssuerConfig;
+use crate::log::KafkaConfig;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./chartlog-data";
@@ -32,6 +33,10 @@ pub struct FileConfig {
     /// Whether the development issuer of `chartlog token` is trusted. Defaults to true when no
     /// issuer is configured and false otherwise.
     pub dev_issuer: Option<bool>,
+    /// Log backend: `embedded` (the default) or `kafka`.
+    pub log_backend: Option<String>,
+    /// Kafka settings, used with `log_backend = "kafka"`.
+    pub kafka: Option<KafkaConfig>,
 }
 
 impl FileConfig {
@@ -62,6 +67,8 @@ pub struct ServeSettings {
     pub issuers: Vec<IssuerConfig>,
     /// Whether the development issuer is trusted.
     pub dev_issuer: bool,
+    /// The Kafka log, when the backend is Kafka.
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -77,6 +84,8 @@ pub struct Overrides {
     pub base_url: Option<String>,
     /// `--config` / `CHARTLOG_CONFIG`.
     pub config: Option<PathBuf>,
+    /// `--log-backend` / `CHARTLOG_LOG_BACKEND`.
+    pub log_backend: Option<String>,
 }
 
 impl ServeSettings {
@@ -110,6 +119,17 @@ impl ServeSettings {
             .trim_end_matches('/')
             .to_owned();
         let dev_issuer = file.dev_issuer.unwrap_or(file.issuers.is_empty());
+        let backend = overrides
+            .log_backend
+            .or(file.log_backend)
+            .unwrap_or_else(|| "embedded".to_owned());
+        let kafka = match backend.as_str() {
+            "embedded" => None,
+            "kafka" => Some(KafkaConfig::from_env(file.kafka).context(
+                "the kafka log backend needs CHARTLOG_KAFKA_BOOTSTRAP_SERVERS or [kafka] bootstrap_servers in the config file",
+            )?),
+            other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
+        };
         Ok(ServeSettings {
             data_dir,
             listen,
@@ -117,6 +137,7 @@ impl ServeSettings {
             base_url,
             issuers: file.issuers,
             dev_issuer,
+            kafka,
         })
     }
 }
@@ -162,6 +183,41 @@ mod tests {
         assert!(
             format!("{error:#}").contains("invalid config file"),
             "{error:#}"
+        );
+    }
+
+    #[test]
+    fn unknown_log_backend_is_rejected() {
+        let error = ServeSettings::resolve(Overrides {
+            log_backend: Some("tape".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("unknown log backend tape"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn kafka_backend_reads_its_file_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chartlog.toml");
+        let text = "log_backend = \"kafka\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:19092\"\ntopic = \"charts\"\n[kafka.properties]\n\"security.protocol\" = \"SSL\"\n";
+        std::fs::write(&path, text).unwrap();
+        let settings = ServeSettings::resolve(Overrides {
+            config: Some(path),
+            ..Overrides::default()
+        })
+        .unwrap();
+        let kafka = settings.kafka.expect("the kafka backend was chosen");
+        assert_eq!(kafka.topic, "charts");
+        assert_eq!(
+            kafka
+                .properties
+                .get("security.protocol")
+                .map(String::as_str),
+            Some("SSL")
         );
     }
 

@@ -42,6 +42,10 @@ enum Commands {
         /// TOML config file; flags and CHARTLOG_* variables take precedence over it.
         #[arg(long, env = "CHARTLOG_CONFIG")]
         config: Option<PathBuf>,
+        /// Log backend: embedded (RocksDB in the data directory) or kafka (settings from
+        /// CHARTLOG_KAFKA_* variables or the config file) [default: embedded].
+        #[arg(long, env = "CHARTLOG_LOG_BACKEND")]
+        log_backend: Option<String>,
     },
     /// Prints a JWT signed by the development issuer of a data directory. For development
     /// only: anyone who can read the data directory can mint tokens with any role.
@@ -83,6 +87,7 @@ fn main() {
             key_file,
             base_url,
             config,
+            log_backend,
         } => {
             init_tracing();
             let overrides = Overrides {
@@ -91,6 +96,7 @@ fn main() {
                 key_file,
                 base_url,
                 config,
+                log_backend,
             };
             serve(overrides)
         }
@@ -152,6 +158,7 @@ async fn run_server(settings: ServeSettings) -> anyhow::Result<()> {
     let node_config = NodeConfig {
         data_dir: settings.data_dir.clone(),
         kek_file: settings.key_file.clone(),
+        kafka: settings.kafka.clone(),
     };
     let node = Node::open(&node_config).await?;
 

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::command::WriterState;
 use crate::crypto::keystore::KeyPaths;
 use crate::crypto::KeyStore;
-use crate::log::{EmbeddedLog, EventLog, LogPosition};
+use crate::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use crate::projector::{self, ProjectorStatus};
 use crate::writer::Writer;
 
@@ -28,6 +28,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The key-encryption key file; defaults to `DATA/keys/kek.key`.
     pub kek_file: Option<PathBuf>,
+    /// The Kafka log to use instead of the embedded log in the data directory.
+    pub kafka: Option<KafkaConfig>,
 }
 
 impl NodeConfig {
@@ -96,7 +98,7 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
             break;
         }
         for (at, envelope) in &entries {
-            if *at != position {
+            if log.is_dense() && *at != position {
                 anyhow::bail!(
                     "log entries at positions {position} to {} are missing; run chartlog-replay verify",
                     at.0.saturating_sub(1)
@@ -171,27 +173,40 @@ impl Node {
         }
         let keys = Arc::new(keys);
 
-        // A data directory whose keys exist was initialized with a log: a missing log is lost
-        // data, never a reason to start an empty one.
-        let log_dir = config.log_dir();
-        if created.is_empty() && !log_dir.exists() {
-            anyhow::bail!(
-                "the log at {} is missing; this data directory was initialized with one, so restore it from a backup",
-                log_dir.display()
-            );
-        }
-        let log = EmbeddedLog::open(&log_dir, true)
-            .map_err(anyhow::Error::from)
-            .map_err(|error| explain_lock(error, &data_dir))?;
-        let heads = log.chart_heads().context("reading the chart heads")?;
-        let log: Arc<dyn EventLog> = wrap(Arc::new(log));
+        let (log, heads): (Arc<dyn EventLog>, Option<Vec<_>>) = match &config.kafka {
+            None => {
+                // A data directory whose keys exist was initialized with a log: a missing log
+                // is lost data, never a reason to start an empty one.
+                let log_dir = config.log_dir();
+                if created.is_empty() && !log_dir.exists() {
+                    anyhow::bail!(
+                        "the log at {} is missing; this data directory was initialized with one, so restore it from a backup",
+                        log_dir.display()
+                    );
+                }
+                let log = EmbeddedLog::open(&log_dir, true)
+                    .map_err(anyhow::Error::from)
+                    .map_err(|error| explain_lock(error, &data_dir))?;
+                let heads = log.chart_heads().context("reading the chart heads")?;
+                (wrap(Arc::new(log)), Some(heads))
+            }
+            Some(kafka) => {
+                let log = KafkaLog::open(kafka.clone()).await.with_context(|| {
+                    format!("cannot open the Kafka log on topic {}", kafka.topic)
+                })?;
+                tracing::info!(topic = %kafka.topic, "using the kafka log");
+                (wrap(Arc::new(log)), None)
+            }
+        };
 
         let started = Instant::now();
         let state = {
             let (log, keys) = (log.clone(), keys.clone());
             tokio::task::spawn_blocking(move || rebuild_writer_state(log.as_ref(), &keys)).await??
         };
-        check_heads(&state, &heads)?;
+        if let Some(heads) = &heads {
+            check_heads(&state, heads)?;
+        }
         tracing::info!(
             charts = state.chart_count(),
             elapsed_ms = started.elapsed().as_millis() as u64,

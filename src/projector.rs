@@ -94,6 +94,13 @@ pub fn apply_next(
     let from = projection.position()?;
     let entries = log.read_from(LogPosition(from), APPLY_BATCH)?;
     if entries.is_empty() {
+        // On Kafka a transaction marker can sit at the end of the log; moving past it lets
+        // waiters that know the log's end see the projection reach it.
+        let resume = log.resume_position(LogPosition(from))?;
+        if resume.0 > from {
+            projection.apply_until(&[], log.is_dense(), Some(resume.0))?;
+            return Ok(Some(resume.0));
+        }
         return Ok(None);
     }
     let mut opened = Vec::with_capacity(entries.len());
@@ -131,7 +138,7 @@ pub fn apply_next(
             },
         )
         .collect();
-    projection.apply(&projected)?;
+    projection.apply_until(&projected, log.is_dense(), None)?;
     Ok(Some(projection.position()?))
 }
 
@@ -153,6 +160,7 @@ pub fn start(
     });
     let handle = tokio::spawn(async move {
         let mut end = log.end_position();
+        let mut read_failures: u32 = 0;
         tracing::info!(
             projection = "chart",
             position = initial,
@@ -166,10 +174,22 @@ pub fn start(
             };
             match step {
                 Ok(Ok(Some(position))) => {
+                    read_failures = 0;
                     status.send_modify(|current| current.applied = position);
                     continue;
                 }
                 Ok(Ok(None)) => {}
+                Ok(Err(ProjectError::Read(error))) => {
+                    // The log is unreachable for now (a Kafka outage): retry with a bounded
+                    // back-off instead of halting, and serve what is projected meanwhile.
+                    read_failures += 1;
+                    let delay = Duration::from_millis(250 * u64::from(read_failures.min(20)));
+                    tracing::warn!(projection = "chart", error = %error, attempt = read_failures, "log read failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.changed() => break,
+                    }
+                }
                 Ok(Err(error)) => {
                     tracing::error!(projection = "chart", error = %error, "projector halted");
                     status.send_modify(|current| current.halted = Some(error.to_string()));

@@ -682,8 +682,8 @@ async fn repeated_command_id_applies_once() {
 async fn restart_keeps_versions_and_chains() {
     let node = TestNode::start().await;
     let id = node.create(&patient("Restart", "Me", "1950-05-05")).await;
-    let dir = node.stop().await;
-    let node = TestNode::start_in(dir).await;
+    let (dir, kafka) = node.stop().await;
+    let node = TestNode::start_in(dir, kafka).await;
     let mut changed = patient("Restart", "Me", "1950-05-06");
     changed["id"] = json!(id);
     let stale = node
@@ -772,13 +772,19 @@ async fn rebuilt_projection_matches_live_one() {
         .is_some()
     {}
     // The last read appended an access event; let the live projection take it in too.
-    let end = chartlog::log::LogPosition(node.log_end());
+    let end = *node.node.log.end_position().borrow();
     node.node
         .wait_for_projection(end, std::time::Duration::from_secs(10))
         .await
         .unwrap();
-    let live = node.node.projection.dump().unwrap();
-    let rebuilt = rebuilt.dump().unwrap();
+    let mut live = node.node.projection.dump().unwrap();
+    let mut rebuilt = rebuilt.dump().unwrap();
+    if common::on_kafka() {
+        // Kafka's transaction markers take offsets, so where a projection stops past the last
+        // record depends on when it last read; the state itself must still be identical.
+        live.retain(|(key, _)| key.as_slice() != b"!position");
+        rebuilt.retain(|(key, _)| key.as_slice() != b"!position");
+    }
     assert!(!live.is_empty());
     assert_eq!(
         rebuilt.len(),
@@ -989,11 +995,15 @@ async fn transaction_entries_are_checked_like_requests() {
 
 #[tokio::test]
 async fn start_refuses_a_log_that_lost_entries() {
+    if common::on_kafka() {
+        // The check edits the embedded log's files; Kafka keeps no such files here.
+        return;
+    }
     let node = TestNode::start().await;
     node.create(&patient("Lost", "Tail", "1970-01-01")).await;
     node.create(&patient("Lost", "Tail2", "1970-01-01")).await;
     let end = node.log_end();
-    let dir = node.stop().await;
+    let (dir, _) = node.stop().await;
 
     // Remove the last entries and their heads, as a torn or truncated write-ahead log would.
     {
@@ -1017,6 +1027,7 @@ async fn start_refuses_a_log_that_lost_entries() {
     let config = chartlog::node::NodeConfig {
         data_dir: dir.path().to_path_buf(),
         kek_file: None,
+        kafka: None,
     };
     let error = chartlog::node::Node::open(&config)
         .await

@@ -196,22 +196,45 @@ impl ChartProjection {
     /// [`ProjectionError::Gap`] when the first new event is not at the stored position, and
     /// [`ProjectionError::Storage`] when the write fails (nothing is applied then).
     pub fn apply(&self, events: &[ProjectedEvent<'_>]) -> Result<(), ProjectionError> {
-        let mut expected = self.position()?;
+        self.apply_until(events, true, None)
+    }
+
+    /// Applies events and moves the position past them, or to `resume` when that is further,
+    /// in one atomic write. With `dense`, positions must follow each other without holes, as
+    /// on the embedded log; without it they need only increase, as on Kafka, where transaction
+    /// markers take offsets of their own.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError::Gap`] when a dense log skips a position, and
+    /// [`ProjectionError::Storage`] when the write fails (nothing is applied then).
+    pub fn apply_until(
+        &self,
+        events: &[ProjectedEvent<'_>],
+        dense: bool,
+        resume: Option<u64>,
+    ) -> Result<(), ProjectionError> {
+        let stored = self.position()?;
+        let mut expected = stored;
         let mut batch = rocksdb::WriteBatch::default();
         for event in events {
             if event.position < expected {
                 continue;
             }
-            if event.position != expected {
+            if dense && event.position != expected {
                 return Err(ProjectionError::Gap {
                     expected,
                     received: event.position,
                 });
             }
             self.stage(&mut batch, event);
-            expected += 1;
+            expected = event.position + 1;
         }
-        batch.put(POSITION_KEY, expected.to_be_bytes());
+        let next = resume.map_or(expected, |resume| resume.max(expected));
+        if next == stored && batch.is_empty() {
+            return Ok(());
+        }
+        batch.put(POSITION_KEY, next.to_be_bytes());
         self.db.write(batch).map_err(self.storage())
     }
 

@@ -141,6 +141,7 @@ fn verify(data: &Path, key_file: Option<PathBuf>, pinned: Option<&Path>) -> anyh
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: key_file,
+        kafka: None,
     };
     let log = EmbeddedLog::open_read_only(&config.log_dir())
         .with_context(|| format!("cannot open the log of {}", data.display()))?;
@@ -167,6 +168,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: key_file,
+        kafka: None,
     };
     // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
     let log = EmbeddedLog::open(&config.log_dir(), false).with_context(|| {

@@ -214,6 +214,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let config = NodeConfig {
         data_dir: scratch.path().join("node"),
         kek_file: None,
+        kafka: None,
     };
     let node = Node::open(&config).await?;
     let key_dir = config.key_paths().dir;

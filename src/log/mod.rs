@@ -8,11 +8,13 @@
 //! once it is durable.
 
 pub mod embedded;
+pub mod kafka;
 
 use chartlog_schemas::Envelope;
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedLog;
+pub use kafka::{KafkaConfig, KafkaLog};
 
 /// Position of an entry in the log: 0 for the first entry, then counting up without gaps.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
@@ -71,4 +73,20 @@ pub trait EventLog: Send + Sync + 'static {
     /// Returns a receiver of the position one past the last durable entry; it changes after
     /// every successful append.
     fn end_position(&self) -> watch::Receiver<LogPosition>;
+
+    /// Returns whether positions follow each other without holes. The embedded log's do;
+    /// Kafka's offsets skip the positions its transaction markers take.
+    fn is_dense(&self) -> bool {
+        true
+    }
+
+    /// Returns where reading continues after a read from `from` found nothing: `from` itself on
+    /// a dense log, and past any transaction markers on Kafka.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError`] when the position cannot be determined.
+    fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
+        Ok(from)
+    }
 }

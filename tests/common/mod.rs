@@ -22,6 +22,28 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+/// Returns the Kafka log settings when the tests run against Kafka (`CHARTLOG_TEST_LOG=kafka`),
+/// each node on a topic of its own, or `None` for the embedded log.
+pub fn test_kafka_config() -> Option<chartlog::log::KafkaConfig> {
+    if std::env::var("CHARTLOG_TEST_LOG").ok()? != "kafka" {
+        return None;
+    }
+    let bootstrap = std::env::var("CHARTLOG_TEST_KAFKA_BOOTSTRAP")
+        .unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
+    Some(chartlog::log::KafkaConfig {
+        bootstrap_servers: bootstrap,
+        topic: format!("chartlog-test-{}", uuid::Uuid::new_v4()),
+        replication_factor: 1,
+        min_insync_replicas: 1,
+        properties: Default::default(),
+    })
+}
+
+/// Returns whether the tests run against Kafka.
+pub fn on_kafka() -> bool {
+    std::env::var("CHARTLOG_TEST_LOG").is_ok_and(|value| value == "kafka")
+}
+
 /// Base URL the test router pretends to be served at.
 pub const BASE: &str = "http://chartlog.test/fhir";
 
@@ -52,6 +74,14 @@ impl EventLog for ControlledLog {
     fn end_position(&self) -> watch::Receiver<LogPosition> {
         self.inner.end_position()
     }
+
+    fn is_dense(&self) -> bool {
+        self.inner.is_dense()
+    }
+
+    fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
+        self.inner.resume_position(from)
+    }
 }
 
 /// A running node and its router.
@@ -62,19 +92,25 @@ pub struct TestNode {
     pub node: Node,
     pub log: Arc<ControlledLog>,
     pub issuer: DevIssuer,
+    pub kafka: Option<chartlog::log::KafkaConfig>,
     pub dir: tempfile::TempDir,
 }
 
 impl TestNode {
     pub async fn start() -> TestNode {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir).await
+        Self::start_in(dir, test_kafka_config()).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir) -> TestNode {
+    /// Starts a node on an existing data directory and, on Kafka, an existing topic.
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        kafka: Option<chartlog::log::KafkaConfig>,
+    ) -> TestNode {
         let config = NodeConfig {
             data_dir: dir.path().to_path_buf(),
             kek_file: None,
+            kafka: kafka.clone(),
         };
         let mut controlled = None;
         let node = Node::open_with(&config, |inner| {
@@ -113,24 +149,27 @@ impl TestNode {
             node,
             log: controlled.unwrap(),
             issuer,
+            kafka,
             dir,
         }
     }
 
     /// Stops the node and returns its data directory, to reopen it.
-    pub async fn stop(self) -> tempfile::TempDir {
+    /// Stops the node and returns its data directory and Kafka settings, to reopen it.
+    pub async fn stop(self) -> (tempfile::TempDir, Option<chartlog::log::KafkaConfig>) {
         let TestNode {
             app,
             node,
             log,
             issuer,
+            kafka,
             dir,
         } = self;
         drop(app);
         drop(log);
         drop(issuer);
         node.shutdown().await;
-        dir
+        (dir, kafka)
     }
 
     pub fn token(&self, subject: &str, role: &str) -> String {
@@ -143,9 +182,19 @@ impl TestNode {
         self.token("dr-test", "physician")
     }
 
-    /// Position one past the last log entry.
+    /// Number of entries on the log, counted by reading it: on Kafka, transaction markers
+    /// take offsets too, so the end position is not a count.
     pub fn log_end(&self) -> u64 {
-        self.node.log.end_position().borrow().0
+        let mut count = 0;
+        let mut from = chartlog::log::LogPosition(0);
+        loop {
+            let entries = self.node.log.read_from(from, 4096).unwrap();
+            let Some((last, _)) = entries.last() else {
+                return count;
+            };
+            count += entries.len() as u64;
+            from = chartlog::log::LogPosition(last.0 + 1);
+        }
     }
 
     pub async fn call(

@@ -1,0 +1,468 @@
+//! The Kafka log: envelopes as records of one topic, byte for byte the bytes the embedded log
+//! stores, so a deployment can move between the two by replaying.
+//!
+//! Appends are Kafka transactions of an idempotent producer with `acks=all`. The producer's
+//! `transactional.id` is derived from the topic and partition, so a second node that starts
+//! writing the same partition fences the first at the broker: the first node's next commit
+//! fails instead of interleaving with the second's. Reads use `read_committed`, so aborted
+//! appends are never seen.
+//!
+//! NOTE: the topic has one partition, written by one node at a time. Charts spread over many
+//! partitions, each owned by one node through a consumer group, are not built yet.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chartlog_schemas::Envelope;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::{AppendError, EventLog, LogPosition, ReadError};
+
+/// The partition every chart's events go to.
+const PARTITION: i32 = 0;
+
+/// How long one append may take before it fails and the writer answers 503: long enough for
+/// a leader election among three brokers, short enough that a client is not kept waiting.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a read waits for records that are not there yet before returning what it has.
+const READ_POLL: Duration = Duration::from_millis(200);
+
+/// Settings of the Kafka log. Client properties come from configuration, never from code.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// Topic of the chart events.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Replication factor of a topic created at start-up.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of a topic created at start-up.
+    #[serde(default = "default_replication")]
+    pub min_insync_replicas: i32,
+    /// Further librdkafka client properties, such as `security.protocol`, `ssl.ca.location`
+    /// or `sasl.mechanism`.
+    #[serde(default)]
+    pub properties: HashMap<String, String>,
+}
+
+fn default_topic() -> String {
+    "chartlog.events".to_owned()
+}
+
+fn default_replication() -> i32 {
+    1
+}
+
+impl KafkaConfig {
+    /// Builds the settings from `CHARTLOG_KAFKA_*` environment variables: the bootstrap
+    /// servers, topic and replication settings by name, and every other variable as a client
+    /// property (`CHARTLOG_KAFKA_SSL_CA_LOCATION` becomes `ssl.ca.location`), except the
+    /// variables of `compose/kafka.sh`. Returns `None` when no bootstrap servers are given.
+    pub fn from_env(base: Option<KafkaConfig>) -> Option<KafkaConfig> {
+        let mut config = base;
+        for (name, value) in std::env::vars() {
+            let Some(key) = name.strip_prefix("CHARTLOG_KAFKA_") else {
+                continue;
+            };
+            if key == "BOOTSTRAP_SERVERS" {
+                match &mut config {
+                    Some(config) => config.bootstrap_servers = value,
+                    None => {
+                        config = Some(KafkaConfig {
+                            bootstrap_servers: value,
+                            topic: default_topic(),
+                            replication_factor: default_replication(),
+                            min_insync_replicas: default_replication(),
+                            properties: HashMap::new(),
+                        })
+                    }
+                }
+            }
+        }
+        let mut config = config?;
+        for (name, value) in std::env::vars() {
+            let Some(key) = name.strip_prefix("CHARTLOG_KAFKA_") else {
+                continue;
+            };
+            match key {
+                "BOOTSTRAP_SERVERS" => {}
+                // Settings of compose/kafka.sh, the local broker script, not client properties.
+                "PORT" | "RUN_DIR" | "CACHE_DIR" | "HEAP" | "STOP_TIMEOUT" | "PARTITIONS" => {}
+                "TOPIC" => config.topic = value,
+                "REPLICATION_FACTOR" => {
+                    config.replication_factor = value.parse().unwrap_or(config.replication_factor)
+                }
+                "MIN_INSYNC_REPLICAS" => {
+                    config.min_insync_replicas = value.parse().unwrap_or(config.min_insync_replicas)
+                }
+                other => {
+                    config
+                        .properties
+                        .insert(other.to_ascii_lowercase().replace('_', "."), value);
+                }
+            }
+        }
+        Some(config)
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &self.bootstrap_servers);
+        for (name, value) in &self.properties {
+            client.set(name, value);
+        }
+        client
+    }
+}
+
+/// Error from opening the Kafka log.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaOpenError {
+    /// A Kafka client call failed.
+    #[error("kafka {action} failed")]
+    Client {
+        /// What was attempted.
+        action: &'static str,
+        /// Cause.
+        #[source]
+        source: KafkaError,
+    },
+    /// The topic keeps records for a limited time or compacts them, which would delete
+    /// audit records that must be kept for six years or more.
+    #[error("topic {topic} has {setting}={value}; chartlog needs retention.ms=-1, retention.bytes=-1 and cleanup.policy=delete")]
+    Retention {
+        /// Topic name.
+        topic: String,
+        /// The offending setting.
+        setting: String,
+        /// Its value.
+        value: String,
+    },
+}
+
+/// The Kafka-backed log.
+pub struct KafkaLog {
+    config: KafkaConfig,
+    runtime: tokio::runtime::Handle,
+    producer: Mutex<Option<FutureProducer>>,
+    reader: Mutex<Reader>,
+    end: watch::Sender<LogPosition>,
+}
+
+struct Reader {
+    consumer: BaseConsumer,
+    /// Offset the consumer fetches next, when it is assigned.
+    cursor: Option<i64>,
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KafkaLog({})", self.config.topic)
+    }
+}
+
+fn client_error(action: &'static str) -> impl FnOnce(KafkaError) -> KafkaOpenError {
+    move |source| KafkaOpenError::Client { action, source }
+}
+
+impl KafkaLog {
+    /// Connects, creates the topic when it is missing (unlimited retention, no compaction) or
+    /// checks an existing one, and prepares the transactional producer, which fences any
+    /// earlier writer of the partition.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaOpenError`] when the cluster cannot be reached or the topic's retention is
+    /// limited.
+    pub async fn open(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
+        ensure_topic(&config).await?;
+        let runtime = tokio::runtime::Handle::current();
+        // The client calls below block, so they run off the async runtime.
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config
+                .client_config()
+                .set(
+                    "group.id",
+                    format!("chartlog-reader-{}", uuid::Uuid::new_v4()),
+                )
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed")
+                .set("enable.partition.eof", "true")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .map_err(client_error("consumer creation"))?;
+            let (_, high) = consumer
+                .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
+                .map_err(client_error("reading the end of the topic"))?;
+            let (end, _) = watch::channel(LogPosition(high.max(0) as u64));
+            let log = KafkaLog {
+                runtime,
+                producer: Mutex::new(None),
+                reader: Mutex::new(Reader {
+                    consumer,
+                    cursor: None,
+                }),
+                end,
+                config,
+            };
+            // Fence any earlier writer now, rather than at the first append.
+            let producer = log
+                .new_producer()
+                .map_err(client_error("producer initialization"))?;
+            *log.producer.lock().expect("producer lock is not poisoned") = Some(producer);
+            Ok(log)
+        })
+        .await
+        .map_err(|_| KafkaOpenError::Client {
+            action: "start-up",
+            source: KafkaError::Canceled,
+        })?
+    }
+
+    fn transactional_id(&self) -> String {
+        format!("chartlog-{}-{PARTITION}", self.config.topic)
+    }
+
+    fn new_producer(&self) -> Result<FutureProducer, KafkaError> {
+        let producer: FutureProducer = self
+            .config
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("transactional.id", self.transactional_id())
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", APPEND_TIMEOUT.as_millis().to_string())
+            .create()?;
+        producer.init_transactions(APPEND_TIMEOUT)?;
+        Ok(producer)
+    }
+
+    fn append_in_transaction(
+        &self,
+        producer: &FutureProducer,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<LogPosition>, KafkaError> {
+        producer.begin_transaction()?;
+        let mut deliveries = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let key = chartlog_schemas::envelope::parse(&envelope.0)
+                .map(|parsed| parsed.header.chart_id.as_bytes().to_vec())
+                .unwrap_or_default();
+            let record = FutureRecord::to(&self.config.topic)
+                .partition(PARTITION)
+                .key(&key)
+                .payload(&envelope.0);
+            let delivery = producer.send_result(record).map_err(|(error, _)| error)?;
+            deliveries.push(delivery);
+        }
+        let mut positions = Vec::with_capacity(envelopes.len());
+        let delivered: Result<Vec<i64>, KafkaError> = self.runtime.block_on(async {
+            let mut offsets = Vec::with_capacity(deliveries.len());
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(delivered)) => offsets.push(delivered.offset),
+                    Ok(Err((error, _))) => return Err(error),
+                    Err(_) => return Err(KafkaError::Canceled),
+                }
+            }
+            Ok(offsets)
+        });
+        for offset in delivered? {
+            positions.push(LogPosition(offset as u64));
+        }
+        producer.commit_transaction(APPEND_TIMEOUT)?;
+        Ok(positions)
+    }
+}
+
+async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaOpenError> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .client_config()
+        .create()
+        .map_err(client_error("admin client creation"))?;
+    let options = AdminOptions::new().request_timeout(Some(APPEND_TIMEOUT));
+    let min_insync = config.min_insync_replicas.to_string();
+    let topic = NewTopic::new(
+        &config.topic,
+        1,
+        TopicReplication::Fixed(config.replication_factor),
+    )
+    .set("retention.ms", "-1")
+    .set("retention.bytes", "-1")
+    .set("cleanup.policy", "delete")
+    .set("min.insync.replicas", &min_insync);
+    let created = admin
+        .create_topics(&[topic], &options)
+        .await
+        .map_err(client_error("topic creation"))?;
+    for result in created {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(KafkaOpenError::Client {
+                    action: "topic creation",
+                    source: KafkaError::AdminOp(code),
+                })
+            }
+        }
+    }
+
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(&config.topic)], &options)
+        .await
+        .map_err(client_error("topic description"))?;
+    for resource in described {
+        let resource = resource.map_err(|code| KafkaOpenError::Client {
+            action: "topic description",
+            source: KafkaError::AdminOp(code),
+        })?;
+        for entry in resource.entries {
+            let value = entry.value.unwrap_or_default();
+            let acceptable = match entry.name.as_str() {
+                "retention.ms" | "retention.bytes" => value == "-1",
+                "cleanup.policy" => value == "delete",
+                _ => true,
+            };
+            if !acceptable {
+                return Err(KafkaOpenError::Retention {
+                    topic: config.topic.clone(),
+                    setting: entry.name,
+                    value,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl EventLog for KafkaLog {
+    fn append_batch(&self, envelopes: &[Envelope]) -> Result<Vec<LogPosition>, AppendError> {
+        let mut slot = self.producer.lock().expect("producer lock is not poisoned");
+        if slot.is_none() {
+            let producer = self
+                .new_producer()
+                .map_err(|error| AppendError::Unavailable(error.into()))?;
+            *slot = Some(producer);
+        }
+        let producer = slot.as_ref().expect("the producer was created above");
+        match self.append_in_transaction(producer, envelopes) {
+            Ok(positions) => {
+                if let Some(last) = positions.last() {
+                    self.end.send_replace(LogPosition(last.0 + 1));
+                }
+                Ok(positions)
+            }
+            Err(error) => {
+                // An aborted transaction leaves nothing visible to read_committed readers. A
+                // producer that cannot abort, or was fenced, is replaced at the next append.
+                if producer.abort_transaction(APPEND_TIMEOUT).is_err() {
+                    *slot = None;
+                }
+                if let KafkaError::Transaction(ref transaction) = error {
+                    if transaction.is_fatal() {
+                        *slot = None;
+                    }
+                }
+                Err(AppendError::Unavailable(error.into()))
+            }
+        }
+    }
+
+    fn read_from(
+        &self,
+        from: LogPosition,
+        max: usize,
+    ) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
+        let failure = |source: KafkaError| ReadError {
+            position: from,
+            source: source.into(),
+        };
+        let mut guard = self
+            .reader
+            .lock()
+            .expect("kafka reader lock is not poisoned");
+        let Reader { consumer, cursor } = &mut *guard;
+        let wanted = from.0 as i64;
+        let fresh = *cursor != Some(wanted);
+        if fresh {
+            let mut assignment = TopicPartitionList::new();
+            assignment
+                .add_partition_offset(&self.config.topic, PARTITION, Offset::Offset(wanted))
+                .map_err(failure)?;
+            consumer.assign(&assignment).map_err(failure)?;
+            *cursor = Some(wanted);
+        }
+        let mut entries = Vec::new();
+        // A fresh assignment answers its first poll only after a fetch round trip, so an empty
+        // poll then means "not yet", not "nothing there": keep polling until a record or the
+        // end of the partition shows up, within a bound.
+        let started = std::time::Instant::now();
+        let mut heard_back = false;
+        while entries.len() < max {
+            match consumer.poll(READ_POLL) {
+                None if fresh && !heard_back && started.elapsed() < APPEND_TIMEOUT => continue,
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    // The end of the partition, past any transaction markers.
+                    break;
+                }
+                Some(Err(error)) => {
+                    *cursor = None;
+                    return Err(failure(error));
+                }
+                Some(Ok(message)) => {
+                    heard_back = true;
+                    let offset = message.offset();
+                    *cursor = Some(offset + 1);
+                    if offset < wanted {
+                        continue;
+                    }
+                    let bytes = message.payload().unwrap_or_default().to_vec();
+                    entries.push((LogPosition(offset as u64), Envelope(bytes)));
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn end_position(&self) -> watch::Receiver<LogPosition> {
+        self.end.subscribe()
+    }
+
+    fn is_dense(&self) -> bool {
+        false
+    }
+
+    fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
+        let reader = self
+            .reader
+            .lock()
+            .expect("kafka reader lock is not poisoned");
+        let position = reader.consumer.position().map_err(|source| ReadError {
+            position: from,
+            source: source.into(),
+        })?;
+        let next = position
+            .find_partition(&self.config.topic, PARTITION)
+            .and_then(|element| match element.offset() {
+                Offset::Offset(offset) if offset >= 0 => Some(offset as u64),
+                _ => None,
+            })
+            .unwrap_or(from.0);
+        Ok(LogPosition(next.max(from.0)))
+    }
+}
