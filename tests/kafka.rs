@@ -133,3 +133,180 @@ async fn broker_outage_fails_writes_then_recovers() {
     let found = node.get("/fhir/Patient?name=After").await;
     assert_eq!(found.json["total"], 1);
 }
+
+/// Copies a directory tree, for giving a second node the first node's key store.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn replay(arguments: &[&str], data: &std::path::Path, topic: &str) -> (bool, String) {
+    let bootstrap = common::test_kafka_config().unwrap().bootstrap_servers;
+    // The binary belongs to another package of the workspace, built beside this test's.
+    let deps = std::env::current_exe().unwrap();
+    let binary = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("chartlog-replay");
+    assert!(
+        binary.exists(),
+        "{} is missing; build the workspace first",
+        binary.display()
+    );
+    let output = Process::new(binary)
+        .args(arguments)
+        .arg("--data")
+        .arg(data)
+        .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("CHARTLOG_KAFKA_TOPIC", topic)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn embedded_entries(data: &std::path::Path) -> Vec<(u64, Vec<u8>)> {
+    let log = chartlog::log::EmbeddedLog::open_read_only(&data.join("log")).unwrap();
+    log.read_from(chartlog::log::LogPosition(0), 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|(position, envelope)| (position.0, envelope.0))
+        .collect()
+}
+
+#[tokio::test]
+async fn copy_moves_logs_byte_for_byte() {
+    let Some(kafka) = common::test_kafka_config() else {
+        eprintln!("CHARTLOG_TEST_LOG is not kafka; skipped");
+        return;
+    };
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), None).await;
+    let patient_id = node.create(&patient("Copy", "Me", "1970-01-01")).await;
+    node.create(&common::weight(&patient_id, "70.5", "2024-01-01T00:00:00Z"))
+        .await;
+    node.get(&format!("/fhir/Patient/{patient_id}")).await;
+    let (source, _) = node.stop().await;
+
+    let (copied, output) = replay(
+        &["copy", "--direction", "to-kafka"],
+        source.path(),
+        &kafka.topic,
+    );
+    assert!(copied, "{output}");
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        source.path(),
+        &kafka.topic,
+    );
+    assert!(verified, "the Kafka copy does not verify: {output}");
+
+    // Back into a fresh data directory holding the same keys.
+    let target = tempfile::tempdir().unwrap();
+    copy_tree(&source.path().join("keys"), &target.path().join("keys"));
+    let (copied_back, output) = replay(
+        &["copy", "--direction", "from-kafka"],
+        target.path(),
+        &kafka.topic,
+    );
+    assert!(copied_back, "{output}");
+    let original = embedded_entries(source.path());
+    assert!(!original.is_empty());
+    assert_eq!(
+        embedded_entries(target.path()),
+        original,
+        "the round trip changed the log"
+    );
+    let (verified, output) = replay(&["verify"], target.path(), &kafka.topic);
+    assert!(verified, "{output}");
+
+    for dir in [source.path(), target.path()] {
+        let (rebuilt, output) = replay(&["rebuild"], dir, &kafka.topic);
+        assert!(rebuilt, "{output}");
+    }
+    let dump = |dir: &std::path::Path| {
+        chartlog_projections::ChartProjection::open(&dir.join("projections/chart"))
+            .unwrap()
+            .dump()
+            .unwrap()
+    };
+    assert_eq!(
+        dump(target.path()),
+        dump(source.path()),
+        "projections built from the two copies differ"
+    );
+}
+
+#[tokio::test]
+async fn two_nodes_on_one_topic_keep_one_chain() {
+    let Some(kafka) = common::test_kafka_config() else {
+        eprintln!("CHARTLOG_TEST_LOG is not kafka; skipped");
+        return;
+    };
+    let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = first
+        .create(&patient("Shared", "Topic", "1970-01-01"))
+        .await;
+    let (first_dir, _) = first.stop().await;
+
+    // The nodes share a key store, as a deployment would through its key service.
+    let second_dir = tempfile::tempdir().unwrap();
+    copy_tree(
+        &first_dir.path().join("keys"),
+        &second_dir.path().join("keys"),
+    );
+    let first = TestNode::start_in(first_dir, Some(kafka.clone())).await;
+    first
+        .create(&common::weight(&patient_id, "60.0", "2024-01-01T00:00:00Z"))
+        .await;
+
+    let second = TestNode::start_in(second_dir, Some(kafka.clone())).await;
+    let fenced = first
+        .post(
+            "/fhir/Observation",
+            &common::weight(&patient_id, "61.0", "2024-01-02T00:00:00Z").to_string(),
+        )
+        .await;
+    assert_eq!(
+        fenced.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the fenced node still wrote: {}",
+        fenced.text
+    );
+    second
+        .create(&common::weight(&patient_id, "62.0", "2024-01-03T00:00:00Z"))
+        .await;
+
+    let log = KafkaLog::open_reader(kafka).await.unwrap();
+    let keys = second.node.keys.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        chartlog::verify::verify_log(&log, &keys, None).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        report.is_ok(),
+        "chains forked or sequence numbers repeat: {:?}",
+        report.problems
+    );
+    let observations = second
+        .get(&format!("/fhir/Observation?patient={patient_id}"))
+        .await;
+    assert_eq!(
+        observations.json["total"], 2,
+        "the fenced write must not appear"
+    );
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use chartlog::crypto::keystore::KeyPaths;
 use chartlog::crypto::KeyStore;
-use chartlog::log::EmbeddedLog;
+use chartlog::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use chartlog::node::NodeConfig;
 use chartlog::verify::{verify_log, VerifyReport};
 use chartlog_schemas::HlcTimestamp;
@@ -40,6 +40,21 @@ enum Commands {
         /// directory; only their signatures are accepted [default: DATA/keys/trusted-signers].
         #[arg(long)]
         trusted_signers: Option<PathBuf>,
+        /// Log to verify: embedded (in the data directory) or kafka (the topic named by the
+        /// CHARTLOG_KAFKA_* variables, read without disturbing its writer).
+        #[arg(long, env = "CHARTLOG_LOG_BACKEND", default_value = "embedded")]
+        log_backend: String,
+    },
+    /// Copies a log byte for byte between the embedded log of a data directory and the Kafka
+    /// topic named by the CHARTLOG_KAFKA_* variables. The target must be empty and no server
+    /// may run; the keys stay in the data directory, which reads both copies.
+    Copy {
+        /// Data directory of the node.
+        #[arg(long, default_value = "./chartlog-data")]
+        data: PathBuf,
+        /// Direction: to-kafka (embedded to Kafka) or from-kafka (Kafka to embedded).
+        #[arg(long)]
+        direction: String,
     },
     /// Deletes the chart projection and rebuilds it from the log. The server must be stopped.
     Rebuild {
@@ -59,7 +74,9 @@ fn main() {
             data,
             key_file,
             trusted_signers,
-        } => verify(&data, key_file, trusted_signers.as_deref()),
+            log_backend,
+        } => verify(&data, key_file, trusted_signers.as_deref(), &log_backend),
+        Commands::Copy { data, direction } => copy(&data, &direction),
         Commands::Rebuild { data, key_file } => rebuild(&data, key_file),
     };
     match outcome {
@@ -133,7 +150,25 @@ fn read_trusted_signers(path: &Path) -> anyhow::Result<chartlog::crypto::Trusted
     Ok(trusted)
 }
 
-fn verify(data: &Path, key_file: Option<PathBuf>, pinned: Option<&Path>) -> anyhow::Result<bool> {
+fn kafka_settings() -> anyhow::Result<KafkaConfig> {
+    KafkaConfig::from_env(None).context(
+        "set CHARTLOG_KAFKA_BOOTSTRAP_SERVERS (and CHARTLOG_KAFKA_TOPIC) to name the Kafka log",
+    )
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn verify(
+    data: &Path,
+    key_file: Option<PathBuf>,
+    pinned: Option<&Path>,
+    backend: &str,
+) -> anyhow::Result<bool> {
     let mut keys = open_keys(data, key_file.clone())?;
     if let Some(path) = pinned {
         keys.set_trusted_signers(read_trusted_signers(path)?);
@@ -143,10 +178,27 @@ fn verify(data: &Path, key_file: Option<PathBuf>, pinned: Option<&Path>) -> anyh
         kek_file: key_file,
         kafka: None,
     };
-    let log = EmbeddedLog::open_read_only(&config.log_dir())
-        .with_context(|| format!("cannot open the log of {}", data.display()))?;
-    let heads = log.chart_heads().context("cannot read the chart heads")?;
-    let report = verify_log(&log, &keys, Some(&heads)).context("cannot read the log")?;
+    let report = match backend {
+        "embedded" => {
+            let log = EmbeddedLog::open_read_only(&config.log_dir())
+                .with_context(|| format!("cannot open the log of {}", data.display()))?;
+            let heads = log.chart_heads().context("cannot read the chart heads")?;
+            verify_log(&log, &keys, Some(&heads)).context("cannot read the log")?
+        }
+        "kafka" => {
+            let settings = kafka_settings()?;
+            let runtime = runtime()?;
+            let log = runtime
+                .block_on(KafkaLog::open_reader(settings))
+                .context("cannot open the Kafka log")?;
+            // NOTE: Kafka keeps no chart heads beside the log, so a chart whose last events
+            // were removed from the topic is not caught here.
+            let report = verify_log(&log, &keys, None).context("cannot read the log")?;
+            drop(log);
+            report
+        }
+        other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
+    };
     print_report(&report);
     if report.is_ok() {
         println!("verified: every signature, hash-chain link, sequence number and payload checks");
@@ -161,6 +213,67 @@ fn verify(data: &Path, key_file: Option<PathBuf>, pinned: Option<&Path>) -> anyh
         report.problems[0]
     );
     Ok(false)
+}
+
+/// Entries copied per append: one Kafka transaction or one synced RocksDB batch.
+const COPY_BATCH: usize = 1000;
+
+fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
+    let config = NodeConfig {
+        data_dir: data.to_path_buf(),
+        kek_file: None,
+        kafka: None,
+    };
+    let runtime = runtime()?;
+    let settings = kafka_settings()?;
+    let started = Instant::now();
+    let (source, target): (Box<dyn EventLog>, Box<dyn EventLog>) = match direction {
+        "to-kafka" => {
+            let source = EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
+                format!(
+                    "cannot open the log of {}; stop the server first",
+                    data.display()
+                )
+            })?;
+            let target = runtime
+                .block_on(KafkaLog::open(settings))
+                .context("cannot open the Kafka log")?;
+            (Box::new(source), Box::new(target))
+        }
+        "from-kafka" => {
+            let source = runtime
+                .block_on(KafkaLog::open_reader(settings))
+                .context("cannot open the Kafka log")?;
+            let target = EmbeddedLog::open(&config.log_dir(), true)
+                .with_context(|| format!("cannot open the log of {}", data.display()))?;
+            (Box::new(source), Box::new(target))
+        }
+        other => anyhow::bail!("unknown direction {other}; expected to-kafka or from-kafka"),
+    };
+    if !target.read_from(LogPosition(0), 1)?.is_empty() {
+        anyhow::bail!("the target log is not empty; copy only into an empty log");
+    }
+    let mut from = LogPosition(0);
+    let mut copied = 0usize;
+    loop {
+        let entries = source.read_from(from, COPY_BATCH)?;
+        let Some((last, _)) = entries.last() else {
+            break;
+        };
+        from = LogPosition(last.0 + 1);
+        let envelopes: Vec<_> = entries.into_iter().map(|(_, envelope)| envelope).collect();
+        target
+            .append_batch(&envelopes)
+            .context("cannot append to the target log")?;
+        copied += envelopes.len();
+    }
+    drop(target);
+    drop(source);
+    println!(
+        "copied {copied} log entries {direction} in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(true)
 }
 
 fn rebuild(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {

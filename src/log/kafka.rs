@@ -160,6 +160,7 @@ pub struct KafkaLog {
     producer: Mutex<Option<FutureProducer>>,
     reader: Mutex<Reader>,
     end: watch::Sender<LogPosition>,
+    read_only: bool,
 }
 
 struct Reader {
@@ -192,18 +193,7 @@ impl KafkaLog {
         let runtime = tokio::runtime::Handle::current();
         // The client calls below block, so they run off the async runtime.
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = config
-                .client_config()
-                .set(
-                    "group.id",
-                    format!("chartlog-reader-{}", uuid::Uuid::new_v4()),
-                )
-                .set("enable.auto.commit", "false")
-                .set("isolation.level", "read_committed")
-                .set("enable.partition.eof", "true")
-                .set("auto.offset.reset", "earliest")
-                .create()
-                .map_err(client_error("consumer creation"))?;
+            let consumer = reader_consumer(&config)?;
             let (_, high) = consumer
                 .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
@@ -217,6 +207,7 @@ impl KafkaLog {
                 }),
                 end,
                 config,
+                read_only: false,
             };
             // Fence any earlier writer now, rather than at the first append.
             let producer = log
@@ -224,6 +215,39 @@ impl KafkaLog {
                 .map_err(client_error("producer initialization"))?;
             *log.producer.lock().expect("producer lock is not poisoned") = Some(producer);
             Ok(log)
+        })
+        .await
+        .map_err(|_| KafkaOpenError::Client {
+            action: "start-up",
+            source: KafkaError::Canceled,
+        })?
+    }
+
+    /// Connects for reading only: no topic changes and no producer, so a verifier or a copy
+    /// can read the topic without fencing the node that writes it.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaOpenError`] when the cluster cannot be reached.
+    pub async fn open_reader(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let consumer = reader_consumer(&config)?;
+            let (_, high) = consumer
+                .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
+                .map_err(client_error("reading the end of the topic"))?;
+            let (end, _) = watch::channel(LogPosition(high.max(0) as u64));
+            Ok(KafkaLog {
+                runtime,
+                producer: Mutex::new(None),
+                reader: Mutex::new(Reader {
+                    consumer,
+                    cursor: None,
+                }),
+                end,
+                config,
+                read_only: true,
+            })
         })
         .await
         .map_err(|_| KafkaOpenError::Client {
@@ -286,6 +310,21 @@ impl KafkaLog {
         producer.commit_transaction(APPEND_TIMEOUT)?;
         Ok(positions)
     }
+}
+
+fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer, KafkaOpenError> {
+    config
+        .client_config()
+        .set(
+            "group.id",
+            format!("chartlog-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(client_error("consumer creation"))
 }
 
 async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaOpenError> {
@@ -351,6 +390,11 @@ async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaOpenError> {
 
 impl EventLog for KafkaLog {
     fn append_batch(&self, envelopes: &[Envelope]) -> Result<Vec<LogPosition>, AppendError> {
+        if self.read_only {
+            return Err(AppendError::Unavailable(
+                "the kafka log was opened for reading only".into(),
+            ));
+        }
         let mut slot = self.producer.lock().expect("producer lock is not poisoned");
         if slot.is_none() {
             let producer = self
