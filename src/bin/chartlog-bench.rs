@@ -18,7 +18,7 @@ use anyhow::Context;
 use chartlog::api::{self, AppState};
 use chartlog::auth::dev_issuer::{self, DevIssuer};
 use chartlog::auth::{Authenticator, IssuerConfig};
-use chartlog::log::{EmbeddedLog, EventLog};
+use chartlog::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog};
 use chartlog::node::{Node, NodeConfig};
 use chartlog_schemas::Envelope;
 use clap::Parser;
@@ -42,6 +42,10 @@ struct Args {
     /// reads/s that Chartlog targets on 2 cores.
     #[arg(long, default_value_t = 5000.0)]
     read_rate: f64,
+    /// Log backend: embedded, or kafka on the broker named by CHARTLOG_KAFKA_BOOTSTRAP_SERVERS
+    /// (each run writes topics of its own).
+    #[arg(long, default_value = "embedded")]
+    log_backend: String,
     /// Concurrent HTTP connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -183,12 +187,11 @@ where
 }
 
 fn baseline(
-    dir: &std::path::Path,
+    log: &dyn EventLog,
     envelope_bytes: usize,
     duration: Duration,
     batch: usize,
 ) -> anyhow::Result<f64> {
-    let log = EmbeddedLog::open(dir, true)?;
     let envelopes: Vec<Envelope> = (0..batch)
         .map(|_| Envelope(vec![0xa5; envelope_bytes]))
         .collect();
@@ -211,10 +214,20 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir_in(&args.dir).context("cannot create the bench directory")?;
+    let kafka = match args.log_backend.as_str() {
+        "embedded" => None,
+        "kafka" => {
+            let mut settings = KafkaConfig::from_env(None)
+                .context("the kafka mode needs CHARTLOG_KAFKA_BOOTSTRAP_SERVERS")?;
+            settings.topic = format!("chartlog-bench-{}", uuid::Uuid::new_v4());
+            Some(settings)
+        }
+        other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
+    };
     let config = NodeConfig {
         data_dir: scratch.path().join("node"),
         kek_file: None,
-        kafka: None,
+        kafka: kafka.clone(),
     };
     let node = Node::open(&config).await?;
     let key_dir = config.key_paths().dir;
@@ -367,25 +380,45 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .map(|(_, envelope)| envelope.0.len())
         .max()
         .unwrap_or(600);
-    let baseline_single = baseline(
-        &scratch.path().join("baseline-1"),
-        envelope_bytes,
-        duration,
-        1,
-    )?;
-    let baseline_batched = baseline(
-        &scratch.path().join("baseline-64"),
-        envelope_bytes,
-        duration,
-        64,
-    )?;
+    // The baselines append envelopes of the same size to a log of the same kind, without the
+    // HTTP, FHIR, encryption and projection work around it.
+    let open_baseline = |name: &str| -> anyhow::Result<Box<dyn EventLog>> {
+        match &kafka {
+            None => Ok(Box::new(EmbeddedLog::open(
+                &scratch.path().join(name),
+                true,
+            )?)),
+            Some(settings) => {
+                let mut settings = settings.clone();
+                settings.topic = format!("{}-{name}", settings.topic);
+                let log = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(KafkaLog::open(settings))
+                })?;
+                Ok(Box::new(log))
+            }
+        }
+    };
+    let single_log = open_baseline("baseline-1")?;
+    let baseline_single =
+        tokio::task::block_in_place(|| baseline(single_log.as_ref(), envelope_bytes, duration, 1))?;
+    let batched_log = open_baseline("baseline-64")?;
+    let baseline_batched = tokio::task::block_in_place(|| {
+        baseline(batched_log.as_ref(), envelope_bytes, duration, 64)
+    })?;
+    let (unit, raw) = match kafka {
+        None => ("sync", "raw RocksDB synced appends"),
+        Some(_) => (
+            "transaction",
+            "raw Kafka transactional appends (acks=all, idempotent)",
+        ),
+    };
 
     server.abort();
     println!(
         "chartlog-bench: {} connections, {} s per phase, envelopes of {envelope_bytes} bytes",
         args.connections, args.seconds
     );
-    println!("| measurement | per second | p50 ms | p99 ms | ratio to 1-per-sync baseline | ratio to 64-per-sync baseline |");
+    println!("| measurement | per second | p50 ms | p99 ms | ratio to 1-per-{unit} baseline | ratio to 64-per-{unit} baseline |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let row = |name: &str, stats: &Stats| {
         println!(
@@ -410,11 +443,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         &paced_reads,
     );
     println!(
-        "| raw RocksDB synced appends, 1 per sync | {baseline_single:.0} | | | 1.00 | {:.2} |",
+        "| {raw}, 1 per {unit} | {baseline_single:.0} | | | 1.00 | {:.2} |",
         baseline_single / baseline_batched
     );
     println!(
-        "| raw RocksDB synced appends, 64 per sync | {baseline_batched:.0} | | | {:.2} | 1.00 |",
+        "| {raw}, 64 per {unit} | {baseline_batched:.0} | | | {:.2} | 1.00 |",
         baseline_batched / baseline_single
     );
     node.shutdown().await;

@@ -268,6 +268,9 @@ impl KafkaLog {
             .set("acks", "all")
             .set("transactional.id", self.transactional_id())
             .set("transaction.timeout.ms", "60000")
+            // Every append is flushed and committed at once, so records need not linger to
+            // form batches: the writer thread has already batched them.
+            .set("linger.ms", "0")
             .set("message.timeout.ms", APPEND_TIMEOUT.as_millis().to_string())
             .create()?;
         producer.init_transactions(APPEND_TIMEOUT)?;
@@ -323,6 +326,10 @@ fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer, KafkaOpenError>
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        // A read_committed fetch that waits for data is not woken by a transaction's commit
+        // marker, only by the next record, so a long wait delays every read-your-writes answer
+        // by up to the wait. A short wait costs more fetch requests on an idle log instead.
+        .set("fetch.wait.max.ms", "5")
         .create()
         .map_err(client_error("consumer creation"))
 }
