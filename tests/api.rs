@@ -1112,3 +1112,26 @@ async fn compliance_officer_reads_the_access_log() {
         "the audit role reads no clinical content"
     );
 }
+
+#[tokio::test]
+async fn metrics_report_projection_lag() {
+    let node = TestNode::start().await;
+    node.create(&patient("Metric", "Check", "1980-01-01")).await;
+    let reply = node.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let lag_line = reply
+        .text
+        .lines()
+        .find(|line| line.starts_with("chartlog_projection_lag_positions{"));
+    assert_eq!(
+        lag_line,
+        Some("chartlog_projection_lag_positions{projection=\"chart\"} 0"),
+        "{}",
+        reply.text
+    );
+    assert!(
+        reply.text.contains("chartlog_log_accepting_writes 1"),
+        "{}",
+        reply.text
+    );
+}

@@ -183,6 +183,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/fhir", fhir)
         .route("/metadata", get(capability::metadata))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found_path() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -223,4 +224,59 @@ async fn health(
         "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
     });
     (code, axum::Json(body)).into_response()
+}
+
+/// `GET /metrics`: the node's state in the Prometheus text format. Labels name projections
+/// and backends only, never ids of patients or resources.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use std::fmt::Write;
+
+    use axum::response::IntoResponse;
+
+    let status = state.projector.borrow().clone();
+    let log_end = state.log.end_position().borrow().0;
+    let mut body = String::new();
+    let mut gauge = |name: &str, help: &str, labels: &str, value: u64| {
+        let _ = writeln!(body, "# HELP {name} {help}");
+        let _ = writeln!(body, "# TYPE {name} gauge");
+        let _ = writeln!(body, "{name}{labels} {value}");
+    };
+    gauge(
+        "chartlog_log_end_position",
+        "Position one past the last entry of the log.",
+        "",
+        log_end,
+    );
+    gauge(
+        "chartlog_projection_applied_position",
+        "Next log position the projection will apply.",
+        "{projection=\"chart\"}",
+        status.applied,
+    );
+    gauge(
+        "chartlog_projection_lag_positions",
+        "Log positions not yet applied to the projection; on Kafka this counts transaction markers too.",
+        "{projection=\"chart\"}",
+        log_end.saturating_sub(status.applied),
+    );
+    gauge(
+        "chartlog_projection_halted",
+        "1 when the projection stopped on an entry that failed its checks.",
+        "{projection=\"chart\"}",
+        u64::from(status.halted.is_some()),
+    );
+    gauge(
+        "chartlog_log_accepting_writes",
+        "1 when the writer runs and its last append succeeded.",
+        "",
+        u64::from(state.writer.is_healthy()),
+    );
+    let mut response = (axum::http::StatusCode::OK, body).into_response();
+    response.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
