@@ -10,7 +10,7 @@ source scripts/env.sh
 bash scripts/setup.sh
 
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 echo "== tests on the embedded log"
 cargo test --workspace --locked
@@ -24,11 +24,11 @@ export CHARTLOG_TEST_KAFKA_BOOTSTRAP
 CHARTLOG_TEST_KAFKA_BOOTSTRAP=$(bash compose/kafka.sh bootstrap)
 CHARTLOG_TEST_LOG=kafka cargo test --locked --test api --test corpus --test crash
 # The fault tests stop and restart the broker, so they run alone, one at a time.
-CHARTLOG_TEST_LOG=kafka cargo test --locked --test kafka -- --test-threads=1
+CHARTLOG_TEST_LOG=kafka cargo test --locked --features kafka-tests --test kafka -- --test-threads=1
 
 echo "== replication tests on a three-broker Kafka cluster"
 bash compose/kafka.sh stop
 bash compose/kafka.sh start --brokers 3
 bash compose/kafka.sh wait --timeout 120
 CHARTLOG_TEST_KAFKA_BOOTSTRAP=$(bash compose/kafka.sh bootstrap)
-CHARTLOG_TEST_LOG=kafka CHARTLOG_TEST_KAFKA_BROKERS=3 cargo test --locked --test replication
+CHARTLOG_TEST_LOG=kafka CHARTLOG_TEST_KAFKA_BROKERS=3 cargo test --locked --features kafka-tests --test replication

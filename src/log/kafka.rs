@@ -134,7 +134,7 @@ pub enum KafkaOpenError {
     /// A Kafka client call failed.
     #[error("kafka {action} failed")]
     Client {
-        /// What was attempted.
+        /// The attempted action.
         action: &'static str,
         /// Cause.
         #[source]
@@ -326,9 +326,10 @@ fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer, KafkaOpenError>
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        // A read_committed fetch that waits for data is not woken by a transaction's commit
-        // marker, only by the next record, so a long wait delays every read-your-writes answer
-        // by up to the wait. A short wait costs more fetch requests on an idle log instead.
+        // With the default 500 ms fetch wait, writes that wait for their own projection took
+        // hundreds of milliseconds in the bench: a read_committed fetch seems not to be woken
+        // when a commit marker makes waiting records visible. A 5 ms wait cost more fetch
+        // requests on an idle log and raised writes about fivefold (docs/BENCHMARKS.md).
         .set("fetch.wait.max.ms", "5")
         .create()
         .map_err(client_error("consumer creation"))
