@@ -220,7 +220,7 @@ async fn health(
     };
     let body = serde_json::json!({
         "status": node_state,
-        "log": {"backend": "embedded", "end_position": log_end.0, "accepting_writes": writer_healthy},
+        "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": writer_healthy},
         "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
     });
     (code, axum::Json(body)).into_response()

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use chartlog_schemas::Envelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -163,8 +163,26 @@ pub struct KafkaLog {
     read_only: bool,
 }
 
+/// Client context of the reader: reaching the end of the partition is how every read ends,
+/// so it is not reported as an error; every other client error is logged.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
+            tracing::error!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
 struct Reader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     /// Offset the consumer fetches next, when it is assigned.
     cursor: Option<i64>,
 }
@@ -315,7 +333,7 @@ impl KafkaLog {
     }
 }
 
-fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer, KafkaOpenError> {
+fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer<ReaderContext>, KafkaOpenError> {
     config
         .client_config()
         .set(
@@ -331,7 +349,7 @@ fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer, KafkaOpenError>
         // when a commit marker makes waiting records visible. A 5 ms wait cost more fetch
         // requests on an idle log and raised writes about fivefold (docs/BENCHMARKS.md).
         .set("fetch.wait.max.ms", "5")
-        .create()
+        .create_with_context(ReaderContext)
         .map_err(client_error("consumer creation"))
 }
 
@@ -497,6 +515,10 @@ impl EventLog for KafkaLog {
 
     fn is_dense(&self) -> bool {
         false
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "kafka"
     }
 
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {

@@ -74,6 +74,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// every successful append.
     fn end_position(&self) -> watch::Receiver<LogPosition>;
 
+    /// Returns the backend's name for health reports: `embedded` or `kafka`.
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+
     /// Returns whether positions follow each other without holes. The embedded log's do;
     /// Kafka's offsets skip the positions its transaction markers take.
     fn is_dense(&self) -> bool {

@@ -79,6 +79,10 @@ impl EventLog for ControlledLog {
         self.inner.is_dense()
     }
 
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
         self.inner.resume_position(from)
     }
