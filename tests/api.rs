@@ -266,6 +266,12 @@ async fn invalid_resources_are_rejected_without_writing() {
             StatusCode::BAD_REQUEST,
             Some("Patient.gender"),
         ),
+        (
+            "repeated key",
+            r#"{"resourceType": "Patient", "gender": "male", "gender": "female"}"#.to_owned(),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
     ];
     for (case, body, status, expression) in cases {
         let before = node.log_end();
@@ -1133,5 +1139,22 @@ async fn metrics_report_projection_lag() {
         reply.text.contains("chartlog_log_accepting_writes 1"),
         "{}",
         reply.text
+    );
+}
+
+#[tokio::test]
+async fn oversized_body_gets_an_operation_outcome() {
+    let node = TestNode::start().await;
+    let body = format!(
+        "{{\"resourceType\":\"Patient\",\"text\":\"{}\"}}",
+        "x".repeat(65 * 1024 * 1024)
+    );
+    let reply = node.post("/fhir/Patient", &body).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        reply.json["resourceType"],
+        "OperationOutcome",
+        "{}",
+        &reply.text[..reply.text.len().min(200)]
     );
 }

@@ -9,6 +9,7 @@ mod access;
 mod audit;
 mod capability;
 mod error;
+mod json;
 mod rest;
 mod transaction;
 
@@ -187,6 +188,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found_path() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(outcome_for_plain_errors))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
                 |request: &axum::http::Request<axum::body::Body>| {
@@ -279,4 +281,39 @@ async fn metrics(
         axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     response
+}
+
+/// Turns error answers that axum's extractors produce as plain text (a body over the size
+/// limit, for one) into OperationOutcomes, so every error a client sees has the FHIR shape.
+async fn outcome_for_plain_errors(response: axum::response::Response) -> axum::response::Response {
+    use axum::response::IntoResponse;
+
+    let status = response.status();
+    let is_fhir = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/fhir+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_fhir {
+        return response;
+    }
+    let diagnostics = match status {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        }
+        axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "unsupported Content-Type; send application/fhir+json".to_owned()
+        }
+        other => format!("request rejected with status {}", other.as_u16()),
+    };
+    let outcome = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "invalid", "diagnostics": diagnostics}],
+    });
+    let mut replaced = (status, outcome.to_string()).into_response();
+    replaced.headers_mut().insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+    );
+    replaced
 }

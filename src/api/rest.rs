@@ -87,13 +87,21 @@ pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
             "request body is empty; expected a FHIR JSON resource",
         ));
     }
-    serde_json::from_slice(body).map_err(|error| {
+    let value = serde_json::from_slice(body).map_err(|error| {
         ApiError::malformed_json(format!(
             "request body is not valid JSON (line {}, column {})",
             error.line(),
             error.column()
         ))
-    })
+    })?;
+    super::json::check_no_duplicate_keys(body).map_err(|error| {
+        ApiError::malformed_json(format!(
+            "request body repeats a property name in one object (line {}, column {})",
+            error.line(),
+            error.column()
+        ))
+    })?;
+    Ok(value)
 }
 
 /// A resource ready to become a Record operation.
