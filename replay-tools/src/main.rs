@@ -64,6 +64,10 @@ enum Commands {
         /// Key-encryption key file [default: DATA/keys/kek.key].
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Log to rebuild from: embedded or kafka (the topic named by the CHARTLOG_KAFKA_*
+        /// variables).
+        #[arg(long, env = "CHARTLOG_LOG_BACKEND", default_value = "embedded")]
+        log_backend: String,
     },
 }
 
@@ -77,7 +81,11 @@ fn main() {
             log_backend,
         } => verify(&data, key_file, trusted_signers.as_deref(), &log_backend),
         Commands::Copy { data, direction } => copy(&data, &direction),
-        Commands::Rebuild { data, key_file } => rebuild(&data, key_file),
+        Commands::Rebuild {
+            data,
+            key_file,
+            log_backend,
+        } => rebuild(&data, key_file, &log_backend),
     };
     match outcome {
         Ok(true) => {}
@@ -276,20 +284,33 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn rebuild(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
+fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Result<bool> {
     let keys = open_keys(data, key_file.clone())?;
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: key_file,
         kafka: None,
     };
-    // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
-    let log = EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
-        format!(
-            "cannot open the log of {}; stop the server first",
-            data.display()
-        )
-    })?;
+    let runtime = runtime()?;
+    let log: Box<dyn EventLog> = match backend {
+        // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
+        "embedded" => Box::new(
+            EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
+                format!(
+                    "cannot open the log of {}; stop the server first",
+                    data.display()
+                )
+            })?,
+        ),
+        // NOTE: on Kafka nothing stops a rebuild beside a running server, whose own
+        // projection files would then be replaced under it; stop the server first.
+        "kafka" => Box::new(
+            runtime
+                .block_on(KafkaLog::open_reader(kafka_settings()?))
+                .context("cannot open the Kafka log")?,
+        ),
+        other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
+    };
     let projection_dir = config.chart_projection_dir();
     let started = Instant::now();
     if projection_dir.exists() {
@@ -298,7 +319,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<bool> {
     }
     let projection = chartlog_projections::ChartProjection::open(&projection_dir)
         .context("cannot create the chart projection; is the server still running?")?;
-    while chartlog::projector::apply_next(&log, &keys, &projection)?.is_some() {}
+    while chartlog::projector::apply_next(log.as_ref(), &keys, &projection)?.is_some() {}
     println!(
         "rebuilt chart projection: {} log entries in {} ms",
         projection.position()?,
