@@ -183,15 +183,7 @@ async fn run_server(settings: ServeSettings) -> anyhow::Result<()> {
     }
     let authenticator = Arc::new(Authenticator::from_config(&issuers)?);
 
-    let state = AppState {
-        writer: node.writer.clone(),
-        projection: node.projection.clone(),
-        keys: node.keys.clone(),
-        log: node.log.clone(),
-        projector: node.projector.clone(),
-        authenticator,
-        base_url: settings.base_url.clone().into(),
-    };
+    let state = AppState::new(&node, authenticator, &settings.base_url);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;

@@ -12,15 +12,18 @@ use super::{ApiError, AppState, Caller};
 use crate::command::{Command, Operation};
 use crate::crypto;
 
-/// Checks, decrypts and returns the resource JSON stored in a version record. The signature
-/// was checked when the projector applied the envelope; here the digest and the AEAD tag are.
+/// Checks the digest of an envelope kept in the projection and decrypts its payload. The
+/// signature was checked when the projector applied the envelope; here the digest and the
+/// AEAD tag are.
 ///
 /// # Errors
 ///
-/// 500 when the envelope fails its integrity check (the log records which check) or does not
-/// hold a resource version.
-pub fn open_record(state: &AppState, record: &VersionRecord) -> Result<String, ApiError> {
-    let checked = crypto::check_stored_envelope(&record.envelope)
+/// 500 when a check fails (the log records which) or the data key is unavailable.
+pub fn open_stored(
+    state: &AppState,
+    envelope: &[u8],
+) -> Result<(chartlog_schemas::EventHeader, EventPayload), ApiError> {
+    let checked = crypto::check_stored_envelope(envelope)
         .map_err(|error| ApiError::internal("stored envelope integrity", &error))?;
     let data_key = state
         .keys
@@ -28,7 +31,16 @@ pub fn open_record(state: &AppState, record: &VersionRecord) -> Result<String, A
         .map_err(|error| ApiError::internal("data key", &error))?;
     let payload = crypto::open_payload(&checked, &data_key)
         .map_err(|error| ApiError::internal("stored envelope decryption", &error))?;
-    match payload {
+    Ok((checked.parsed.header.clone(), payload))
+}
+
+/// Returns the resource JSON stored in a version record.
+///
+/// # Errors
+///
+/// As [`open_stored`], and 500 when the record holds no resource version.
+pub fn open_record(state: &AppState, record: &VersionRecord) -> Result<String, ApiError> {
+    match open_stored(state, &record.envelope)?.1 {
         EventPayload::ResourceRecorded(recorded) => Ok(recorded.resource_json),
         _ => Err(ApiError::internal(
             "stored envelope",

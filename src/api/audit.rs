@@ -15,23 +15,14 @@ use super::{ApiError, AppState, Caller};
 use crate::auth::Action;
 use crate::command::state::format_instant;
 use crate::command::{Command, Operation};
-use crate::crypto;
 
 /// Decrypts one stored access event.
 fn open_access(
     state: &AppState,
     envelope: &[u8],
 ) -> Result<(EventHeader, ChartAccessed), ApiError> {
-    let checked = crypto::check_stored_envelope(envelope)
-        .map_err(|error| ApiError::internal("stored access event integrity", &error))?;
-    let data_key = state
-        .keys
-        .data_key(checked.parsed.header.key_id)
-        .map_err(|error| ApiError::internal("data key", &error))?;
-    let payload = crypto::open_payload(&checked, &data_key)
-        .map_err(|error| ApiError::internal("stored access event decryption", &error))?;
-    match payload {
-        EventPayload::ChartAccessed(access) => Ok((checked.parsed.header.clone(), access)),
+    match super::access::open_stored(state, envelope)? {
+        (header, EventPayload::ChartAccessed(access)) => Ok((header, access)),
         _ => Err(ApiError::internal(
             "stored access event",
             &"entry holds no access",

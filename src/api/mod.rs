@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use crate::auth::{Action, Authenticator, Principal};
 use crate::crypto::KeyStore;
 use crate::log::{EventLog, LogPosition};
+use crate::node::Node;
 use crate::projector::ProjectorStatus;
 use crate::writer::Writer;
 
@@ -60,6 +61,19 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Builds the handlers' state over a started node.
+    pub fn new(node: &Node, authenticator: Arc<Authenticator>, base_url: &str) -> AppState {
+        AppState {
+            writer: node.writer.clone(),
+            projection: node.projection.clone(),
+            keys: node.keys.clone(),
+            log: node.log.clone(),
+            projector: node.projector.clone(),
+            authenticator,
+            base_url: base_url.trim_end_matches('/').into(),
+        }
+    }
+
     /// Waits until the chart projection includes every entry before `position`.
     async fn wait_for_projection(&self, position: LogPosition) -> Result<(), ApiError> {
         let mut status = self.projector.clone();

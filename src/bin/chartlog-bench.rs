@@ -242,15 +242,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }])?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let state = AppState {
-        writer: node.writer.clone(),
-        projection: node.projection.clone(),
-        keys: node.keys.clone(),
-        log: node.log.clone(),
-        projector: node.projector.clone(),
-        authenticator: Arc::new(authenticator),
-        base_url: format!("http://{address}/fhir").into(),
-    };
+    let state = AppState::new(
+        &node,
+        Arc::new(authenticator),
+        &format!("http://{address}/fhir"),
+    );
     let server = tokio::spawn(async move {
         axum::serve(
             listener,

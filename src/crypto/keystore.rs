@@ -203,25 +203,14 @@ impl KeyStore {
     /// or a database that cannot be opened (for example because another server holds it).
     pub fn open(paths: &KeyPaths, create: bool) -> Result<(KeyStore, Vec<PathBuf>), KeyStoreError> {
         let mut created = Vec::new();
-        let (mut kek_bytes, kek_new) = load_or_create(&paths.kek_file, create)?;
+        let (kek_bytes, kek_new) = load_or_create(&paths.kek_file, create)?;
         if kek_new {
             created.push(paths.kek_file.clone());
         }
-        let kek = SymmetricKey::from_bytes(kek_bytes);
-        let digest = blake3::hash(&kek_bytes);
-        kek_bytes.zeroize();
-        let mut kek_fingerprint = [0u8; 8];
-        kek_fingerprint.copy_from_slice(&digest.as_bytes()[..8]);
-
-        let (mut seed, seed_new) = load_or_create(&paths.signing_key(), create)?;
+        let (seed, seed_new) = load_or_create(&paths.signing_key(), create)?;
         if seed_new {
             created.push(paths.signing_key());
         }
-        let signer = NodeSigner::from_seed(&seed);
-        seed.zeroize();
-
-        let trusted = Self::load_trusted(paths, &signer)?;
-
         let db_path = paths.data_keys();
         let mut options = rocksdb::Options::default();
         options.create_if_missing(create);
@@ -230,18 +219,7 @@ impl KeyStore {
                 path: db_path.clone(),
                 source,
             })?;
-
-        let store = KeyStore {
-            kek,
-            kek_fingerprint,
-            signer,
-            trusted,
-            db,
-            db_path,
-            cache: RwLock::new(HashMap::new()),
-            chart_keys: RwLock::new(HashMap::new()),
-        };
-        store.load_chart_index()?;
+        let store = Self::assemble(paths, kek_bytes, seed, db, db_path)?;
         Ok((store, created))
     }
 
@@ -252,22 +230,33 @@ impl KeyStore {
     ///
     /// As [`KeyStore::open`].
     pub fn open_read_only(paths: &KeyPaths) -> Result<KeyStore, KeyStoreError> {
-        let mut kek_bytes = read_key_file(&paths.kek_file)?;
-        let kek = SymmetricKey::from_bytes(kek_bytes);
-        let digest = blake3::hash(&kek_bytes);
-        kek_bytes.zeroize();
-        let mut kek_fingerprint = [0u8; 8];
-        kek_fingerprint.copy_from_slice(&digest.as_bytes()[..8]);
-        let mut seed = read_key_file(&paths.signing_key())?;
-        let signer = NodeSigner::from_seed(&seed);
-        seed.zeroize();
-        let trusted = Self::load_trusted(paths, &signer)?;
+        let kek_bytes = read_key_file(&paths.kek_file)?;
+        let seed = read_key_file(&paths.signing_key())?;
         let db_path = paths.data_keys();
         let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &db_path, false)
             .map_err(|source| KeyStoreError::Database {
                 path: db_path.clone(),
                 source,
             })?;
+        Self::assemble(paths, kek_bytes, seed, db, db_path)
+    }
+
+    /// Builds the store from the raw key bytes, which it zeroizes, and the open database.
+    fn assemble(
+        paths: &KeyPaths,
+        mut kek_bytes: [u8; 32],
+        mut seed: [u8; 32],
+        db: rocksdb::DB,
+        db_path: PathBuf,
+    ) -> Result<KeyStore, KeyStoreError> {
+        let kek = SymmetricKey::from_bytes(kek_bytes);
+        let digest = blake3::hash(&kek_bytes);
+        kek_bytes.zeroize();
+        let mut kek_fingerprint = [0u8; 8];
+        kek_fingerprint.copy_from_slice(&digest.as_bytes()[..8]);
+        let signer = NodeSigner::from_seed(&seed);
+        seed.zeroize();
+        let trusted = Self::load_trusted(paths, &signer)?;
         let store = KeyStore {
             kek,
             kek_fingerprint,

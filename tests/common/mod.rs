@@ -139,15 +139,7 @@ impl TestNode {
             jwks_url: None,
         }])
         .unwrap();
-        let state = AppState {
-            writer: node.writer.clone(),
-            projection: node.projection.clone(),
-            keys: node.keys.clone(),
-            log: node.log.clone(),
-            projector: node.projector.clone(),
-            authenticator: Arc::new(authenticator),
-            base_url: BASE.into(),
-        };
+        let state = AppState::new(&node, Arc::new(authenticator), BASE);
         TestNode {
             app: api::app(state),
             node,
