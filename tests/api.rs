@@ -447,6 +447,9 @@ async fn read_fails_when_access_cannot_be_recorded() {
         )
         .await;
     assert_eq!(write.status, StatusCode::SERVICE_UNAVAILABLE);
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.json["status"], "degraded", "{}", health.text);
     node.log
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);

@@ -277,6 +277,22 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         "the fenced node still wrote: {}",
         fenced.text
     );
+    // A fenced node must not take the partition back on its next writes, since its chart
+    // heads are stale: it stays fenced until a restart.
+    for attempt in 0..3 {
+        let again = first
+            .post(
+                "/fhir/Observation",
+                &common::weight(&patient_id, "61.5", "2024-01-02T00:00:00Z").to_string(),
+            )
+            .await;
+        assert_eq!(
+            again.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "attempt {attempt}: {}",
+            again.text
+        );
+    }
     second
         .create(&common::weight(&patient_id, "62.0", "2024-01-03T00:00:00Z"))
         .await;

@@ -303,12 +303,15 @@ async fn outcome_for_plain_errors(response: axum::response::Response) -> axum::r
     use axum::response::IntoResponse;
 
     let status = response.status();
-    let is_fhir = response
+    // FHIR errors and the JSON of /health pass as they are; only plain-text errors change.
+    let is_json = response
         .headers()
         .get("content-type")
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/fhir+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_fhir {
+        .is_some_and(|value| {
+            value.starts_with("application/fhir+json") || value.starts_with("application/json")
+        });
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
     let diagnostics = match status {

@@ -11,6 +11,7 @@
 //! partitions, each owned by one node through a consumer group, are not built yet.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -160,6 +161,11 @@ pub struct KafkaLog {
     producer: Mutex<Option<FutureProducer>>,
     reader: Mutex<Reader>,
     end: watch::Sender<LogPosition>,
+    /// Position after this node's last committed record, or the end of the topic at start-up.
+    committed_end: Mutex<LogPosition>,
+    /// Set once a newer writer fenced this node or wrote behind its back; no append succeeds
+    /// after that.
+    fenced: AtomicBool,
     read_only: bool,
 }
 
@@ -223,6 +229,8 @@ impl KafkaLog {
                     consumer,
                     cursor: None,
                 }),
+                committed_end: Mutex::new(LogPosition(high.max(0) as u64)),
+                fenced: AtomicBool::new(false),
                 end,
                 config,
                 read_only: false,
@@ -262,6 +270,8 @@ impl KafkaLog {
                     consumer,
                     cursor: None,
                 }),
+                committed_end: Mutex::new(LogPosition(high.max(0) as u64)),
+                fenced: AtomicBool::new(false),
                 end,
                 config,
                 read_only: true,
@@ -272,6 +282,15 @@ impl KafkaLog {
             action: "start-up",
             source: KafkaError::Canceled,
         })?
+    }
+
+    /// Returns whether the topic holds committed records after this node's last commit.
+    fn has_foreign_records(&self) -> Result<bool, ReadError> {
+        let end = *self
+            .committed_end
+            .lock()
+            .expect("committed end lock is not poisoned");
+        Ok(!self.read_from(end, 1)?.is_empty())
     }
 
     fn transactional_id(&self) -> String {
@@ -421,8 +440,25 @@ impl EventLog for KafkaLog {
                 "the kafka log was opened for reading only".into(),
             ));
         }
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(AppendError::Unavailable(
+                "this node was fenced by a newer writer of the partition; restart it to rebuild its state from the log".into(),
+            ));
+        }
         let mut slot = self.producer.lock().expect("producer lock is not poisoned");
         if slot.is_none() {
+            // Taking the transactional id back fences whoever holds it now. That is safe only
+            // if nobody else wrote since this node's last commit: otherwise this node's chart
+            // heads are stale, and writing would fork a chain.
+            if self
+                .has_foreign_records()
+                .map_err(|error| AppendError::Unavailable(error.into()))?
+            {
+                self.fenced.store(true, Ordering::SeqCst);
+                return Err(AppendError::Unavailable(
+                    "another node wrote to the partition; restart this node to rebuild its state from the log".into(),
+                ));
+            }
             let producer = self
                 .new_producer()
                 .map_err(|error| AppendError::Unavailable(error.into()))?;
@@ -432,20 +468,40 @@ impl EventLog for KafkaLog {
         match self.append_in_transaction(producer, envelopes) {
             Ok(positions) => {
                 if let Some(last) = positions.last() {
-                    self.end.send_replace(LogPosition(last.0 + 1));
+                    let end = LogPosition(last.0 + 1);
+                    *self
+                        .committed_end
+                        .lock()
+                        .expect("committed end lock is not poisoned") = end;
+                    self.end.send_replace(end);
                 }
                 Ok(positions)
             }
             Err(error) => {
-                // An aborted transaction leaves nothing visible to read_committed readers. A
-                // producer that cannot abort, or was fenced, is replaced at the next append.
-                if producer.abort_transaction(APPEND_TIMEOUT).is_err() {
+                let fenced_code = matches!(
+                    error.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::Fenced
+                            | RDKafkaErrorCode::ProducerFenced
+                            | RDKafkaErrorCode::InvalidProducerEpoch
+                    )
+                );
+                // A fenced producer's queued records come back purged, so the producer's own
+                // fatal-error state is the reliable sign, with the error codes as a second one.
+                let fatal = producer.client().fatal_error().is_some()
+                    || fenced_code
+                    || matches!(&error, KafkaError::Transaction(transaction) if transaction.is_fatal());
+                if fatal {
+                    // Fenced by a newer writer (or otherwise unusable for good): this node's
+                    // state may be stale from now on, so it stops writing until a restart.
+                    tracing::error!(error = %error, "kafka producer fenced; this node stops writing");
+                    self.fenced.store(true, Ordering::SeqCst);
                     *slot = None;
-                }
-                if let KafkaError::Transaction(ref transaction) = error {
-                    if transaction.is_fatal() {
-                        *slot = None;
-                    }
+                } else if producer.abort_transaction(APPEND_TIMEOUT).is_err() {
+                    // An aborted transaction leaves nothing visible to read_committed readers.
+                    // A producer that cannot abort (the broker is away) is replaced at the next
+                    // append, after the check above.
+                    *slot = None;
                 }
                 Err(AppendError::Unavailable(error.into()))
             }
