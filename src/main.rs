@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
-    /// Starts the server on the embedded RocksDB log.
+    /// Starts the server, on the embedded RocksDB log by default or on Kafka.
     Serve {
         /// Data directory: log, projections and keys (created on first start).
         #[arg(long, env = "CHARTLOG_DATA")]

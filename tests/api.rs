@@ -1161,3 +1161,73 @@ async fn oversized_body_gets_an_operation_outcome() {
         &reply.text[..reply.text.len().min(200)]
     );
 }
+
+#[tokio::test]
+async fn contained_resources_follow_the_role_table() {
+    let node = TestNode::start().await;
+    let patient_id = node
+        .create(&patient("Contained", "Check", "1980-01-01"))
+        .await;
+    let encounter = json!({
+        "resourceType": "Encounter", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": format!("Patient/{patient_id}")},
+        "contained": [{"resourceType": "Condition", "id": "c1", "code": {"text": "sensitive finding"},
+                       "subject": {"reference": format!("Patient/{patient_id}")}}],
+        "reasonReference": [{"reference": "#c1"}],
+    });
+    let front_desk = node.token("desk-2", "front-desk");
+    let denied = node
+        .call(
+            Method::POST,
+            "/fhir/Encounter",
+            Some(&front_desk),
+            Some(&encounter.to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        denied.status,
+        StatusCode::FORBIDDEN,
+        "a role may not create a Condition inside an Encounter: {}",
+        denied.text
+    );
+
+    let id = node.create(&encounter).await;
+    let billing = node.token("billing-2", "billing");
+    let read = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Encounter/{id}"),
+            Some(&billing),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert!(
+        !read.text.contains("sensitive finding"),
+        "billing saw a contained Condition: {}",
+        read.text
+    );
+    assert_eq!(read.json["meta"]["security"][0]["code"], "REDACTED");
+    let search = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Encounter?patient={patient_id}"),
+            Some(&billing),
+            None,
+            &[],
+        )
+        .await;
+    assert!(
+        !search.text.contains("sensitive finding"),
+        "billing saw it through search: {}",
+        search.text
+    );
+    let physician_read = node.get(&format!("/fhir/Encounter/{id}")).await;
+    assert!(
+        physician_read.text.contains("sensitive finding"),
+        "the physician sees the whole resource"
+    );
+}

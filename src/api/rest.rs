@@ -56,6 +56,66 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Checks that the caller may perform `action` on the type of every contained resource, so a
+/// resource cannot carry in content its writer may not create.
+pub fn check_contained(caller: &Caller, action: Action, resource: &Value) -> Result<(), ApiError> {
+    let contained = resource.get("contained").and_then(Value::as_array);
+    for inner in contained.into_iter().flatten() {
+        if let Some(resource_type) = inner.get("resourceType").and_then(Value::as_str) {
+            caller.require(action, resource_type)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes contained resources of types the caller may not read, and marks a resource that
+/// lost any with the `REDACTED` security label, so roles see no more through `contained` than
+/// through their own reads.
+pub fn redact_contained(caller: &Caller, resource: &mut Value) {
+    let Some(contained) = resource.get_mut("contained").and_then(Value::as_array_mut) else {
+        return;
+    };
+    let before = contained.len();
+    contained.retain(|inner| {
+        inner
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .is_some_and(|resource_type| caller.principal.may(Action::Read, resource_type))
+    });
+    if contained.len() == before {
+        return;
+    }
+    if contained.is_empty() {
+        resource
+            .as_object_mut()
+            .map(|object| object.remove("contained"));
+    }
+    let label = serde_json::json!({
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+        "code": "REDACTED",
+    });
+    if let Some(object) = resource.as_object_mut() {
+        let meta = object
+            .entry("meta")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(meta) = meta.as_object_mut() {
+            let security = meta
+                .entry("security")
+                .or_insert_with(|| serde_json::json!([]));
+            if let Some(labels) = security.as_array_mut() {
+                labels.push(label);
+            }
+        }
+    }
+}
+
+/// Opens a stored version as JSON with the caller's redactions applied.
+fn open_for(state: &AppState, caller: &Caller, record: &VersionRecord) -> Result<Value, ApiError> {
+    let mut value = open_value(state, record)?;
+    redact_contained(caller, &mut value);
+    Ok(value)
+}
+
 /// Checks that a request body is declared as FHIR JSON (or plain JSON) when its type is given.
 pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = header_text(headers, "content-type") else {
@@ -458,6 +518,7 @@ pub async fn create(
     caller.require(Action::Create, &resource_type)?;
     check_content_type(&headers)?;
     let value = parse_body(&body)?;
+    check_contained(&caller, Action::Create, &value)?;
 
     if let Some(condition) = header_text(&headers, "if-none-exist") {
         let pairs = query_pairs(Some(condition));
@@ -528,6 +589,7 @@ pub async fn update(
     )?;
     check_content_type(&headers)?;
     let value = parse_body(&body)?;
+    check_contained(&caller, Action::Create, &value)?;
     match value.get("id") {
         Some(Value::String(body_id)) if body_id == &id => {}
         Some(_) => {
@@ -624,8 +686,15 @@ fn current_record(
     Ok(record)
 }
 
-fn resource_response(state: &AppState, record: &VersionRecord) -> Result<Response, ApiError> {
-    let body = super::access::open_record(state, record)?;
+fn resource_response(
+    state: &AppState,
+    caller: &Caller,
+    record: &VersionRecord,
+) -> Result<Response, ApiError> {
+    let mut body = super::access::open_record(state, record)?;
+    if body.contains("\"contained\"") {
+        body = open_for(state, caller, record)?.to_string();
+    }
     let mut response = fhir_json(StatusCode::OK, body);
     response.headers_mut().insert("etag", etag(record.version));
     if let Some(value) = last_modified(&format_instant(record.recorded_at)) {
@@ -644,7 +713,7 @@ pub async fn read_or_operation(
     check_id(&id)?;
     caller.require(Action::Read, &resource_type)?;
     let record = current_record(&state, &resource_type, &id)?;
-    let response = resource_response(&state, &record)?;
+    let response = resource_response(&state, &caller, &record)?;
     record_access(&state, &caller, "read", &[&record], true).await?;
     Ok(response)
 }
@@ -669,7 +738,7 @@ pub async fn vread(
     if record.deleted {
         return Err(ApiError::gone(&resource_type, &id));
     }
-    let response = resource_response(&state, &record)?;
+    let response = resource_response(&state, &caller, &record)?;
     record_access(&state, &caller, "vread", &[&record], true).await?;
     Ok(response)
 }
@@ -745,7 +814,11 @@ pub(super) fn page_links(
 }
 
 /// Builds a history Bundle entry for one version.
-fn history_entry(state: &AppState, record: &VersionRecord) -> Result<Value, ApiError> {
+fn history_entry(
+    state: &AppState,
+    caller: &Caller,
+    record: &VersionRecord,
+) -> Result<Value, ApiError> {
     let url = format!("{}/{}", record.resource_type, record.resource_id);
     let last_updated = format_instant(record.recorded_at);
     let (method, status) = if record.deleted {
@@ -761,7 +834,7 @@ fn history_entry(state: &AppState, record: &VersionRecord) -> Result<Value, ApiE
         "response": {"status": status, "etag": format!("W/\"{}\"", record.version), "lastModified": last_updated},
     });
     if !record.deleted {
-        entry["resource"] = open_value(state, record)?;
+        entry["resource"] = open_for(state, caller, record)?;
     }
     Ok(entry)
 }
@@ -777,7 +850,7 @@ async fn history_response(
 ) -> Result<Response, ApiError> {
     let mut entries = Vec::with_capacity(records.len());
     for record in &records {
-        entries.push(history_entry(state, record)?);
+        entries.push(history_entry(state, caller, record)?);
     }
     let shown: Vec<&VersionRecord> = records.iter().filter(|record| !record.deleted).collect();
     record_access(state, caller, "history", &shown, true).await?;
@@ -976,6 +1049,8 @@ async fn search_response(
     let mut entries: Vec<Value> = shown
         .iter()
         .map(|(record, value)| {
+            let mut value = value.clone();
+            redact_contained(caller, &mut value);
             serde_json::json!({
                 "fullUrl": format!("{}/{}/{}", state.base_url, record.resource_type, record.resource_id),
                 "resource": value,
@@ -1181,7 +1256,7 @@ async fn everything(
     for record in &shown {
         entries.push(serde_json::json!({
             "fullUrl": format!("{}/{}/{}", state.base_url, record.resource_type, record.resource_id),
-            "resource": open_value(state, record)?,
+            "resource": open_for(state, caller, record)?,
             "search": {"mode": "match"},
         }));
     }

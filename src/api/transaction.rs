@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::rest::{
-    check_content_type, check_id, check_type, command_id, parse_body, parse_etag, prepare,
-    query_pairs, request_fingerprint, search_current, submit_and_wait,
+    check_contained, check_content_type, check_id, check_type, command_id, parse_body, parse_etag,
+    prepare, query_pairs, request_fingerprint, search_current, submit_and_wait,
 };
 use super::{ApiError, AppState, Caller};
 use crate::auth::roles::is_directory_type;
@@ -155,6 +155,7 @@ pub async fn transaction(
                     .get("resource")
                     .cloned()
                     .ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
+                check_contained(&caller, Action::Create, &value)?;
                 let mut id = uuid::Uuid::new_v4().to_string();
                 let mut existing = None;
                 if let Some(condition) = request.get("ifNoneExist").and_then(Value::as_str) {
@@ -236,6 +237,7 @@ pub async fn transaction(
                     .get("resource")
                     .cloned()
                     .ok_or_else(|| ApiError::invalid(&at("resource"), "missing resource"))?;
+                check_contained(&caller, Action::Create, &value)?;
                 if value.get("id").and_then(Value::as_str) != Some(*id) {
                     return Err(ApiError::invalid(
                         &at("resource.id"),
