@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building Chartlog needs on a fresh Debian machine: clang and libclang for the
-# RocksDB bindings, cmake and the OpenSSL, SASL and zlib headers for librdkafka. Idempotent:
-# does nothing when everything is present.
+# RocksDB bindings, cmake and the OpenSSL, SASL, zlib and curl headers for librdkafka, and
+# Java and Maven for the local Kafka broker of the tests. Idempotent: does nothing when
+# everything is present.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,9 @@ command -v clang >/dev/null 2>&1 || missing+=(clang)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # librdkafka, built from source by the rdkafka crate, links OpenSSL, Cyrus SASL, zlib and curl.
+# The local Kafka broker of the tests (compose/kafka.sh) runs on Java 17, fetched with Maven.
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
 for package in libssl-dev libsasl2-dev zlib1g-dev libcurl4-openssl-dev; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
