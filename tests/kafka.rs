@@ -1,7 +1,8 @@
 //! Faults on a real Apache Kafka broker, started by `compose/kafka.sh`: a writer fenced by a
-//! newer one, and a broker outage that writes survive once the broker is back. Run with
-//! `--features kafka-tests`, `CHARTLOG_TEST_LOG=kafka` and one test thread, since one test
-//! stops the shared broker; `scripts/test.sh` does all three.
+//! newer one, a second node on the same topic, a broker outage that writes survive once the
+//! broker is back, and a log copied to Kafka and back. Run with `--features kafka-tests`,
+//! `CHARTLOG_TEST_LOG=kafka` and one test thread, since one test stops the shared broker;
+//! `scripts/test.sh` does all three.
 
 mod common;
 

@@ -8,7 +8,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 /// document that the parser accepts.
 const MAX_DEPTH: usize = 128;
 
-/// Result of walking a document: `Ok` or the path of the first repeated key.
+/// Marker that a document passed the check; deserializing it fails at the first repeated key.
 pub struct NoDuplicateKeys;
 
 struct Walker {
