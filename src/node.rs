@@ -123,7 +123,7 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
     Ok(state)
 }
 
-/// Checks that every chart ends where the head recorded with its appends says.
+/// Checks that every chart ends at the head recorded with its appends.
 fn check_heads(state: &WriterState, heads: &[(ChartId, EventSeq, [u8; 32])]) -> anyhow::Result<()> {
     for (chart_id, seq, digest) in heads {
         let matches = state
@@ -221,7 +221,7 @@ impl Node {
         let log_end = *log.end_position().borrow();
         if applied > log_end.0 {
             anyhow::bail!(
-                "the chart projection has applied {applied} log entries but the log holds only {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
+                "the chart projection has applied {applied} log entries but the log contains only {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
                 log_end.0
             );
         }

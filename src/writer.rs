@@ -50,10 +50,10 @@ pub struct WriteOutcome {
     /// Result of each operation.
     pub results: Vec<OperationResult>,
     /// Log position one past the command's last event, to wait for in projections. For a
-    /// repeated command id, the end of the log when it was answered.
+    /// repeated command id, the end of the log when it was handled.
     pub end_position: LogPosition,
     /// The stored JSON of each version written, in the order of the `Recorded` results, so a
-    /// handler can answer without reading the version back. Empty for a repeated command id.
+    /// handler can respond without reading the version back. Empty for a repeated command id.
     pub bodies: Vec<String>,
 }
 

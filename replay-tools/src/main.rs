@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Checks every signature, hash-chain link, sequence number and payload of the log, and
-    /// that each chart ends where its recorded head says. Exits 0 when all hold, 1 otherwise.
+    /// that each chart ends at its recorded head. Exits 0 when all hold, 1 otherwise.
     /// Safe to run while a server uses the data directory.
     Verify {
         /// Data directory of the node.

@@ -16,7 +16,7 @@ use crate::ids::{ChartId, CommandId, EventId, EventSeq, KeyId, SignerId};
 pub enum EventType {
     /// A chart was created: the first event of every chart.
     ChartOpened,
-    /// A FHIR resource was created or updated; the payload holds the new version.
+    /// A FHIR resource was created or updated; the payload contains the new version.
     ResourceRecorded,
     /// A FHIR resource was deleted. Its earlier versions stay in the log and in history.
     ResourceRetracted,
@@ -144,7 +144,7 @@ pub struct ResourceRetracted {
     pub resource_type: String,
     /// Logical id of the deleted resource.
     pub resource_id: String,
-    /// Version number the delete takes; reads of this version answer 410 Gone.
+    /// Version number the delete takes; reads of this version return 410 Gone.
     pub version: u64,
 }
 

@@ -38,7 +38,7 @@ pub fn open_stored(
 ///
 /// # Errors
 ///
-/// As [`open_stored`], and 500 when the record holds no resource version.
+/// As [`open_stored`], and 500 when the record contains no resource version.
 pub fn open_record(state: &AppState, record: &VersionRecord) -> Result<String, ApiError> {
     match open_stored(state, &record.envelope)?.1 {
         EventPayload::ResourceRecorded(recorded) => Ok(recorded.resource_json),
@@ -104,9 +104,9 @@ pub async fn record_access(
         operations,
     };
     state.writer.submit(command).await.map_err(|error| {
-        tracing::error!(error = %error, interaction, "access event not recorded; read refused");
+        tracing::error!(error = %error, interaction, "access event not recorded; read rejected");
         ApiError::unavailable(
-            "the access could not be recorded, so the read was refused; retry later",
+            "the access could not be recorded, so the read was rejected; retry later",
         )
     })?;
     Ok(())

@@ -75,7 +75,7 @@ fn audit_event(position: u64, header: &EventHeader, access: &ChartAccessed) -> V
     })
 }
 
-/// Answers `GET /fhir/Patient/{id}/$access-log`.
+/// Serves `GET /fhir/Patient/{id}/$access-log`.
 ///
 /// # Errors
 ///
@@ -123,9 +123,9 @@ pub async fn access_log(
         }],
     };
     state.writer.submit(reading).await.map_err(|error| {
-        tracing::error!(error = %error, "audit read not recorded; refused");
+        tracing::error!(error = %error, "audit read not recorded; request rejected");
         ApiError::unavailable(
-            "the access could not be recorded, so the read was refused; retry later",
+            "the access could not be recorded, so the read was rejected; retry later",
         )
     })?;
 

@@ -1,7 +1,7 @@
 //! `ApiError`: every failure of the HTTP API as a status code and a FHIR `OperationOutcome`.
 //!
 //! Texts name elements, parameters and ids, never values a client sent, because those can be
-//! health data. For 5xx answers the client gets a generic text and the log gets the cause.
+//! health data. For 5xx responses the client gets a generic text and the log gets the cause.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,11 +20,11 @@ pub struct Issue {
     pub code: String,
     /// FHIRPath of the element at fault, if any.
     pub expression: Option<String>,
-    /// What is wrong, without client values.
+    /// Description of the problem, without client values.
     pub diagnostics: String,
 }
 
-/// An error answered to the client.
+/// An error returned to the client.
 #[derive(Debug)]
 pub struct ApiError {
     /// HTTP status.

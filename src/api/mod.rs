@@ -1,7 +1,7 @@
 //! The HTTP API: FHIR R4 REST under `/fhir`, plus `/health`.
 //!
 //! [`app`] builds the router. Every handler authenticates the bearer token, checks the role's
-//! permission, validates input before anything is written, and answers errors with a FHIR
+//! permission, validates input before anything is written, and returns errors as a FHIR
 //! `OperationOutcome` ([`ApiError`]). Every read of health data first appends a chart-accessed
 //! event and fails with 503 when that event cannot be made durable.
 
@@ -297,7 +297,7 @@ async fn metrics(
     response
 }
 
-/// Turns error answers that axum's extractors produce as plain text (a body over the size
+/// Turns error responses that axum's extractors produce as plain text (a body over the size
 /// limit, for one) into OperationOutcomes, so every error a client sees has the FHIR shape.
 async fn outcome_for_plain_errors(response: axum::response::Response) -> axum::response::Response {
     use axum::response::IntoResponse;

@@ -56,6 +56,23 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Returns what a PUT of `resource_type/id` does: update an existing resource, or create one
+/// under a client-chosen id.
+pub fn put_action(state: &AppState, resource_type: &str, id: &str) -> Action {
+    let exists = state
+        .writer
+        .state()
+        .read()
+        .expect("writer state lock is not poisoned")
+        .resource(resource_type, id)
+        .is_some();
+    if exists {
+        Action::Update
+    } else {
+        Action::Create
+    }
+}
+
 /// Checks that the caller may perform `action` on the type of every contained resource, so a
 /// resource cannot carry in content its writer may not create.
 pub fn check_contained(caller: &Caller, action: Action, resource: &Value) -> Result<(), ApiError> {
@@ -406,7 +423,7 @@ fn last_modified(last_updated: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(&text).ok()
 }
 
-/// Answers a completed write with the stored version, as FHIR asks (201 or 200, ETag,
+/// Builds the response to a completed write with the stored version, as FHIR asks (201 or 200, ETag,
 /// Location, Last-Modified), honouring `Prefer: return=minimal`.
 async fn write_response(
     state: &AppState,
@@ -572,21 +589,7 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     check_id(&id)?;
-    let exists = state
-        .writer
-        .state()
-        .read()
-        .expect("writer state lock is not poisoned")
-        .resource(&resource_type, &id)
-        .is_some();
-    caller.require(
-        if exists {
-            Action::Update
-        } else {
-            Action::Create
-        },
-        &resource_type,
-    )?;
+    caller.require(put_action(&state, &resource_type, &id), &resource_type)?;
     check_content_type(&headers)?;
     let value = parse_body(&body)?;
     check_contained(&caller, Action::Create, &value)?;
@@ -693,7 +696,10 @@ fn resource_response(
 ) -> Result<Response, ApiError> {
     let mut body = super::access::open_record(state, record)?;
     if body.contains("\"contained\"") {
-        body = open_for(state, caller, record)?.to_string();
+        let mut value: Value = serde_json::from_str(&body)
+            .map_err(|error| ApiError::internal("stored resource", &error))?;
+        redact_contained(caller, &mut value);
+        body = value.to_string();
     }
     let mut response = fhir_json(StatusCode::OK, body);
     response.headers_mut().insert("etag", etag(record.version));

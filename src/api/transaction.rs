@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::rest::{
     check_contained, check_content_type, check_id, check_type, command_id, parse_body, parse_etag,
-    prepare, query_pairs, request_fingerprint, search_current, submit_and_wait,
+    prepare, put_action, query_pairs, request_fingerprint, search_current, submit_and_wait,
 };
 use super::{ApiError, AppState, Caller};
 use crate::auth::roles::is_directory_type;
@@ -218,21 +218,8 @@ pub async fn transaction(
                         "a PUT entry needs a url of the form Type/id",
                     )
                 })?;
-                let exists = state
-                    .writer
-                    .state()
-                    .read()
-                    .expect("writer state lock is not poisoned")
-                    .resource(&resource_type, id)
-                    .is_some();
-                caller.require(
-                    if exists {
-                        Action::Update
-                    } else {
-                        Action::Create
-                    },
-                    &resource_type,
-                )?;
+                let action = put_action(&state, &resource_type, id);
+                caller.require(action, &resource_type)?;
                 let value = entry
                     .get("resource")
                     .cloned()
@@ -247,7 +234,7 @@ pub async fn transaction(
                 if let Some(full_url) = entry.get("fullUrl").and_then(Value::as_str) {
                     full_urls.insert(full_url.to_owned(), format!("{resource_type}/{id}"));
                 }
-                if !exists {
+                if action == Action::Create {
                     created.insert((resource_type.clone(), (*id).to_owned()));
                 }
                 planned.push(Planned::Write {
@@ -359,7 +346,7 @@ pub async fn transaction(
                 let prepared = prepare(&state, resource_type, id, value.take(), &created)
                     .map_err(|error| entry_error(index, error))?;
                 // Patients open charts that the other entries write to, and the directory
-                // holds what clinical entries refer to, so they are planned first.
+                // contains what clinical entries refer to, so they are planned first.
                 let rank = if is_directory_type(resource_type) {
                     1
                 } else if resource_type == "Patient" {

@@ -1,7 +1,7 @@
 //! Authentication and authorization: bearer JWTs checked against configured issuers, and the
 //! roles that map a user's duties to permissions per resource type and action.
 //!
-//! Read [`Authenticator::authenticate`] first; [`roles`] holds the permission table and
+//! Read [`Authenticator::authenticate`] first; [`roles`] contains the permission table and
 //! [`dev_issuer`] the local development issuer behind `chartlog token`.
 
 pub mod roles;
@@ -32,7 +32,7 @@ pub struct IssuerConfig {
     pub jwks_url: Option<String>,
 }
 
-/// Why a request is not authenticated. The client sees only that its token was rejected; the
+/// Reason a request is not authenticated. The client sees only that its token was rejected; the
 /// variant goes to the log.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -48,7 +48,7 @@ pub enum AuthError {
     /// Signature, expiry, not-before or audience check failed.
     #[error("token rejected: {0}")]
     Invalid(String),
-    /// The token carries no role this server knows.
+    /// The token carries no role this server defines.
     #[error("token has no known role")]
     NoRole,
 }
@@ -74,7 +74,7 @@ pub struct Principal {
     pub subject: String,
     /// Issuer of the token.
     pub issuer: String,
-    /// Roles granted by the token that this server knows.
+    /// Roles granted by the token that this server defines.
     pub roles: Vec<Role>,
 }
 

@@ -1,4 +1,4 @@
-//! Commands and the writer's view of the record: what a command asks for, the state it is
+//! Commands and the writer's view of the record: what a command requests, the state it is
 //! checked against, and the events it becomes.
 //!
 //! Domain code only: no IO, no async runtime, no storage. [`state::WriterState::plan`] turns a
@@ -16,7 +16,7 @@ pub use state::{PlannedEvent, WriterState};
 /// Binary store referenced by a DocumentReference.
 pub const MAX_RESOURCE_BYTES: usize = 8 * 1024 * 1024;
 
-/// Which chart an operation writes to.
+/// Target chart of an operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChartTarget {
     /// The chart of the patient with this Patient resource id. For a Patient resource that
@@ -37,7 +37,7 @@ pub enum Operation {
         resource_id: String,
         /// The resource as sent by the client, already validated, references rewritten.
         resource: serde_json::Map<String, serde_json::Value>,
-        /// Where the resource belongs.
+        /// Chart the resource belongs to.
         chart: ChartTarget,
         /// Version the client based the change on (If-Match), when it named one.
         if_match: Option<u64>,
@@ -59,7 +59,8 @@ pub enum Operation {
     Access {
         /// The chart that was read.
         chart_id: ChartId,
-        /// Who read what and how (the actor and purpose are in the command).
+        /// The resources read, the interaction and the client address (actor and purpose are in
+        /// the command).
         access: ChartAccessed,
     },
 }
@@ -96,7 +97,7 @@ pub struct Command {
     /// Client-supplied id that makes a retried command take effect once.
     pub command_id: Option<CommandId>,
     /// Digest of the request that carried the command id, so that reusing the id for another
-    /// request is rejected rather than answered with the first request's results.
+    /// request is rejected rather than given the first request's results.
     pub fingerprint: Option<[u8; 32]>,
     /// The operations, applied in order.
     pub operations: Vec<Operation>,
@@ -131,7 +132,7 @@ pub enum OperationResult {
     Accessed,
 }
 
-/// Why a command was rejected. Nothing of a rejected command is written.
+/// Reason a command was rejected. Nothing of a rejected command is written.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {
     /// The resource does not exist.

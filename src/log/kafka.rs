@@ -31,7 +31,7 @@ use super::{AppendError, EventLog, LogPosition, ReadError};
 /// The partition every chart's events go to.
 const PARTITION: i32 = 0;
 
-/// How long one append may take before it fails and the writer answers 503: long enough for
+/// How long one append may take before it fails and the writer returns 503: long enough for
 /// a leader election among three brokers, short enough that a client is not kept waiting.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -169,8 +169,8 @@ pub struct KafkaLog {
     read_only: bool,
 }
 
-/// Client context of the reader: reaching the end of the partition is how every read ends,
-/// so it is not reported as an error; every other client error is logged.
+/// Client context of the reader. Every read ends at the end of the partition, so that is not
+/// reported as an error; every other client error is logged.
 struct ReaderContext;
 
 impl ClientContext for ReaderContext {
@@ -214,28 +214,10 @@ impl KafkaLog {
     /// limited.
     pub async fn open(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
         ensure_topic(&config).await?;
-        let runtime = tokio::runtime::Handle::current();
-        // The client calls below block, so they run off the async runtime.
+        let log = Self::connect(config, false).await?;
+        // Fence any earlier writer now, rather than at the first append. The call blocks, so
+        // it runs off the async runtime.
         tokio::task::spawn_blocking(move || {
-            let consumer = reader_consumer(&config)?;
-            let (_, high) = consumer
-                .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
-                .map_err(client_error("reading the end of the topic"))?;
-            let (end, _) = watch::channel(LogPosition(high.max(0) as u64));
-            let log = KafkaLog {
-                runtime,
-                producer: Mutex::new(None),
-                reader: Mutex::new(Reader {
-                    consumer,
-                    cursor: None,
-                }),
-                committed_end: Mutex::new(LogPosition(high.max(0) as u64)),
-                fenced: AtomicBool::new(false),
-                end,
-                config,
-                read_only: false,
-            };
-            // Fence any earlier writer now, rather than at the first append.
             let producer = log
                 .new_producer()
                 .map_err(client_error("producer initialization"))?;
@@ -256,13 +238,20 @@ impl KafkaLog {
     ///
     /// [`KafkaOpenError`] when the cluster cannot be reached.
     pub async fn open_reader(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
+        Self::connect(config, true).await
+    }
+
+    /// Creates the reader and reads the end of the topic, off the async runtime because the
+    /// client calls block.
+    async fn connect(config: KafkaConfig, read_only: bool) -> Result<KafkaLog, KafkaOpenError> {
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let consumer = reader_consumer(&config)?;
             let (_, high) = consumer
                 .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
-            let (end, _) = watch::channel(LogPosition(high.max(0) as u64));
+            let end_of_topic = LogPosition(high.max(0) as u64);
+            let (end, _) = watch::channel(end_of_topic);
             Ok(KafkaLog {
                 runtime,
                 producer: Mutex::new(None),
@@ -270,11 +259,11 @@ impl KafkaLog {
                     consumer,
                     cursor: None,
                 }),
-                committed_end: Mutex::new(LogPosition(high.max(0) as u64)),
+                committed_end: Mutex::new(end_of_topic),
                 fenced: AtomicBool::new(false),
                 end,
                 config,
-                read_only: true,
+                read_only,
             })
         })
         .await
@@ -284,7 +273,7 @@ impl KafkaLog {
         })?
     }
 
-    /// Returns whether the topic holds committed records after this node's last commit.
+    /// Returns whether the topic contains committed records after this node's last commit.
     fn has_foreign_records(&self) -> Result<bool, ReadError> {
         let end = *self
             .committed_end
@@ -447,7 +436,7 @@ impl EventLog for KafkaLog {
         }
         let mut slot = self.producer.lock().expect("producer lock is not poisoned");
         if slot.is_none() {
-            // Taking the transactional id back fences whoever holds it now. That is safe only
+            // Taking the transactional id back fences the producer that has it now. That is safe only
             // if nobody else wrote since this node's last commit: otherwise this node's chart
             // heads are stale, and writing would fork a chain.
             if self
@@ -533,7 +522,7 @@ impl EventLog for KafkaLog {
             *cursor = Some(wanted);
         }
         let mut entries = Vec::new();
-        // A fresh assignment answers its first poll only after a fetch round trip, so an empty
+        // A fresh assignment returns records to its first poll only after a fetch round trip, so an empty
         // poll then means "not yet", not "nothing there": keep polling until a record or the
         // end of the partition shows up, within a bound.
         let started = std::time::Instant::now();

@@ -280,7 +280,7 @@ impl Reply {
         self.headers.get(name).and_then(|value| value.to_str().ok())
     }
 
-    /// The expressions named by an OperationOutcome.
+    /// Returns the expressions an OperationOutcome names.
     pub fn outcome_expressions(&self) -> Vec<String> {
         self.json["issue"]
             .as_array()
@@ -299,7 +299,7 @@ pub fn get_method() -> Method {
     Method::GET
 }
 
-/// A synthetic patient.
+/// Builds a synthetic patient.
 pub fn patient(family: &str, given: &str, birth_date: &str) -> Value {
     serde_json::json!({
         "resourceType": "Patient",
@@ -310,7 +310,7 @@ pub fn patient(family: &str, given: &str, birth_date: &str) -> Value {
     })
 }
 
-/// A synthetic body-weight observation for a patient.
+/// Builds a synthetic body-weight observation for a patient.
 pub fn weight(patient_id: &str, kilograms: &str, effective: &str) -> Value {
     let text = format!(
         r#"{{"resourceType":"Observation","status":"final","category":[{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}}]}}],"code":{{"coding":[{{"system":"http://loinc.org","code":"29463-7","display":"Body Weight"}}]}},"subject":{{"reference":"Patient/{patient_id}"}},"effectiveDateTime":"{effective}","valueQuantity":{{"value":{kilograms},"unit":"kg","system":"http://unitsofmeasure.org","code":"kg"}}}}"#
