@@ -7,7 +7,7 @@
 //! sync wait for the next batch, so under load many commands share one sync (group commit).
 //! When the append fails, the batch's state changes are undone and every command in it fails.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -68,6 +68,16 @@ pub struct Writer {
     queue: mpsc::Sender<Request>,
     state: Arc<RwLock<WriterState>>,
     appends_failing: Arc<AtomicBool>,
+    counters: Arc<AppendCounters>,
+}
+
+/// Successful appends since the writer started, for metrics and the bench.
+#[derive(Default)]
+pub struct AppendCounters {
+    /// Batches appended: on Kafka, one transaction each; on the embedded log, one sync each.
+    pub batches: AtomicU64,
+    /// Events those batches carried.
+    pub events: AtomicU64,
 }
 
 impl Writer {
@@ -81,15 +91,27 @@ impl Writer {
         let thread_state = state.clone();
         let appends_failing = Arc::new(AtomicBool::new(false));
         let thread_failing = appends_failing.clone();
+        let counters = Arc::new(AppendCounters::default());
+        let thread_counters = counters.clone();
         let handle = std::thread::Builder::new()
             .name("chartlog-writer".into())
-            .spawn(move || run(receiver, log, keys, thread_state, thread_failing))
+            .spawn(move || {
+                run(
+                    receiver,
+                    log,
+                    keys,
+                    thread_state,
+                    thread_failing,
+                    thread_counters,
+                )
+            })
             .expect("the operating system can start the writer thread");
         (
             Writer {
                 queue,
                 state,
                 appends_failing,
+                counters,
             },
             handle,
         )
@@ -118,7 +140,13 @@ impl Writer {
             queue,
             state: self.state.clone(),
             appends_failing: self.appends_failing.clone(),
+            counters: self.counters.clone(),
         }
+    }
+
+    /// Returns the counts of successful appends.
+    pub fn append_counters(&self) -> &AppendCounters {
+        &self.counters
     }
 
     /// Returns whether the writer thread still runs and its last append succeeded.
@@ -154,6 +182,7 @@ fn run(
     keys: Arc<KeyStore>,
     state: Arc<RwLock<WriterState>>,
     appends_failing: Arc<AtomicBool>,
+    counters: Arc<AppendCounters>,
 ) {
     tracing::info!("writer started");
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
@@ -165,9 +194,14 @@ fn run(
                 Err(_) => break,
             }
         }
-        let appended = process_batch(&mut batch, log.as_ref(), &keys, &state);
-        if let Some(appended) = appended {
-            appends_failing.store(!appended, Ordering::Relaxed);
+        match process_batch(&mut batch, log.as_ref(), &keys, &state) {
+            BatchOutcome::NothingToAppend => {}
+            BatchOutcome::Appended(events) => {
+                appends_failing.store(false, Ordering::Relaxed);
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                counters.events.fetch_add(events as u64, Ordering::Relaxed);
+            }
+            BatchOutcome::Failed => appends_failing.store(true, Ordering::Relaxed),
         }
     }
     tracing::info!("writer stopped");
@@ -180,14 +214,23 @@ struct Accepted {
     last_event: Option<usize>,
 }
 
-/// Plans, seals and appends one batch. Returns whether the append succeeded, or `None` when
-/// the batch needed no append.
+/// What became of one batch.
+enum BatchOutcome {
+    /// Every command was rejected or repeated, so nothing needed appending.
+    NothingToAppend,
+    /// This many events were appended.
+    Appended(usize),
+    /// The append failed; every command of the batch failed with it.
+    Failed,
+}
+
+/// Plans, seals and appends one batch.
 fn process_batch(
     batch: &mut Vec<Request>,
     log: &dyn EventLog,
     keys: &KeyStore,
     state: &RwLock<WriterState>,
-) -> Option<bool> {
+) -> BatchOutcome {
     let wall_micros = now_micros();
     let mut journal = UndoJournal::default();
     let mut planned = Vec::new();
@@ -251,7 +294,7 @@ fn process_batch(
     if planned.is_empty() {
         let end = *log.end_position().borrow();
         answer_all(accepted, Ok(end), &[]);
-        return None;
+        return BatchOutcome::NothingToAppend;
     }
 
     // Seal in order, chaining each event to its chart's previous digest.
@@ -265,7 +308,7 @@ fn process_batch(
                 .expect("writer state lock is not poisoned")
                 .undo(journal);
             answer_all(accepted, Err(WriteError::KeyStore(Arc::new(error))), &[]);
-            return Some(false);
+            return BatchOutcome::Failed;
         }
     };
 
@@ -285,7 +328,7 @@ fn process_batch(
                 .last()
                 .map_or(LogPosition(0), |last| LogPosition(last.0 + 1));
             answer_all(accepted, Ok(end), &positions);
-            Some(true)
+            BatchOutcome::Appended(positions.len())
         }
         Err(error) => {
             let cause = std::error::Error::source(&error)
@@ -297,7 +340,7 @@ fn process_batch(
                 .expect("writer state lock is not poisoned")
                 .undo(journal);
             answer_all(accepted, Err(WriteError::Append(Arc::new(error))), &[]);
-            Some(false)
+            BatchOutcome::Failed
         }
     }
 }

@@ -1143,6 +1143,17 @@ async fn metrics_report_projection_lag() {
         "{}",
         reply.text
     );
+    // The patient create is one append carrying the chart's opening and the Patient.
+    assert!(
+        reply.text.contains("chartlog_log_appends_total 1\n"),
+        "{}",
+        reply.text
+    );
+    assert!(
+        reply.text.contains("chartlog_log_appended_events_total 2\n"),
+        "{}",
+        reply.text
+    );
 }
 
 #[tokio::test]

@@ -254,40 +254,60 @@ async fn metrics(
     let status = state.projector.borrow().clone();
     let log_end = state.log.end_position().borrow().0;
     let mut body = String::new();
-    let mut gauge = |name: &str, help: &str, labels: &str, value: u64| {
+    let mut metric = |kind: &str, name: &str, help: &str, labels: &str, value: u64| {
         let _ = writeln!(body, "# HELP {name} {help}");
-        let _ = writeln!(body, "# TYPE {name} gauge");
+        let _ = writeln!(body, "# TYPE {name} {kind}");
         let _ = writeln!(body, "{name}{labels} {value}");
     };
-    gauge(
+    metric(
+        "gauge",
         "chartlog_log_end_position",
         "Position one past the last entry of the log.",
         "",
         log_end,
     );
-    gauge(
+    metric(
+        "gauge",
         "chartlog_projection_applied_position",
         "Next log position the projection will apply.",
         "{projection=\"chart\"}",
         status.applied,
     );
-    gauge(
+    metric(
+        "gauge",
         "chartlog_projection_lag_positions",
         "Log positions not yet applied to the projection; on Kafka this counts transaction markers too.",
         "{projection=\"chart\"}",
         log_end.saturating_sub(status.applied),
     );
-    gauge(
+    metric(
+        "gauge",
         "chartlog_projection_halted",
         "1 when the projection stopped on an entry that failed its checks.",
         "{projection=\"chart\"}",
         u64::from(status.halted.is_some()),
     );
-    gauge(
+    metric(
+        "gauge",
         "chartlog_log_accepting_writes",
         "1 when the writer runs and its last append succeeded.",
         "",
         u64::from(state.writer.is_healthy()),
+    );
+    let counters = state.writer.append_counters();
+    metric(
+        "counter",
+        "chartlog_log_appends_total",
+        "Batches the writer appended: Kafka transactions, or syncs of the embedded log.",
+        "",
+        counters.batches.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    metric(
+        "counter",
+        "chartlog_log_appended_events_total",
+        "Events in those batches.",
+        "",
+        counters.events.load(std::sync::atomic::Ordering::Relaxed),
     );
     let mut response = (axum::http::StatusCode::OK, body).into_response();
     response.headers_mut().insert(
