@@ -27,6 +27,7 @@ pub mod command;
 pub mod config;
 pub mod crypto;
 pub mod fhir;
+pub mod journal;
 pub mod log;
 pub mod node;
 pub mod projector;

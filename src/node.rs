@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::command::WriterState;
 use crate::crypto::keystore::KeyPaths;
 use crate::crypto::KeyStore;
+use crate::journal::{self, AccessJournal};
 use crate::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use crate::projector::{self, ProjectorStatus};
 use crate::writer::Writer;
@@ -43,6 +44,11 @@ impl NodeConfig {
         self.data_dir.join("log")
     }
 
+    /// Returns the directory of the access journal.
+    pub fn access_journal_dir(&self) -> PathBuf {
+        self.data_dir.join("access-journal")
+    }
+
     /// Returns the directory of the chart projection.
     pub fn chart_projection_dir(&self) -> PathBuf {
         self.data_dir.join("projections").join("chart")
@@ -61,8 +67,11 @@ pub struct Node {
     pub log: Arc<dyn EventLog>,
     /// Projector status.
     pub projector: watch::Receiver<ProjectorStatus>,
+    /// Accesses of reads served while the log could not take their events.
+    pub access_journal: Arc<AccessJournal>,
     shutdown: watch::Sender<bool>,
     projector_task: Option<tokio::task::JoinHandle<()>>,
+    drain_task: Option<tokio::task::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -233,8 +242,21 @@ impl Node {
             log.clone(),
             keys.clone(),
             projection.clone(),
-            shutdown_receiver,
+            shutdown_receiver.clone(),
         );
+        let access_journal = AccessJournal::open(&config.access_journal_dir(), keys.clone())
+            .map_err(anyhow::Error::from)
+            .map_err(|error| explain_lock(error, &data_dir))?;
+        let access_journal = Arc::new(access_journal);
+        let waiting = *access_journal.pending().borrow();
+        if waiting > 0 {
+            tracing::info!(
+                pending = waiting,
+                "access journal has accesses waiting for the log"
+            );
+        }
+        let drain_task =
+            journal::start_drain(access_journal.clone(), writer.clone(), shutdown_receiver);
 
         let node = Node {
             writer,
@@ -242,8 +264,10 @@ impl Node {
             keys,
             log,
             projector,
+            access_journal,
             shutdown,
             projector_task: Some(projector_task),
+            drain_task: Some(drain_task),
             writer_thread: Some(writer_thread),
         };
         let end = *node.log.end_position().borrow();
@@ -282,6 +306,9 @@ impl Node {
         if let Some(task) = self.projector_task.take() {
             let _ = task.await;
         }
+        if let Some(task) = self.drain_task.take() {
+            let _ = task.await;
+        }
         let writer_thread = self.writer_thread.take();
         drop(self);
         if let Some(thread) = writer_thread {
@@ -296,6 +323,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         if let Some(task) = self.projector_task.take() {
+            task.abort();
+        }
+        if let Some(task) = self.drain_task.take() {
             task.abort();
         }
         self.writer = self.writer.detached();

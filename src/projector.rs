@@ -119,6 +119,7 @@ pub fn apply_next(
                 interaction: String::new(),
                 resources: Vec::new(),
                 client_address: String::new(),
+                served_at_micros: None,
             });
             opened.push((*position, parsed.header, placeholder));
             continue;

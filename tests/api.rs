@@ -420,26 +420,52 @@ async fn every_read_appends_an_access_event() {
     }
 }
 
-#[tokio::test]
-async fn read_fails_when_access_cannot_be_recorded() {
-    let node = TestNode::start().await;
-    let id = node.create(&patient("Down", "Log", "1970-10-10")).await;
+/// Polls /health until the access journal is empty, or fails after ten seconds.
+async fn wait_for_empty_journal(node: &TestNode) {
+    for _ in 0..100 {
+        let health = node.call(Method::GET, "/health", None, None, &[]).await;
+        if health.json["access_journal"]["pending"] == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the access journal did not drain");
+}
+
+/// Creates a patient, makes the log fail and reads the patient. Returns the patient id and the
+/// log's end before the read.
+async fn read_while_log_fails(node: &TestNode, family: &str) -> (String, u64) {
+    let id = node.create(&patient(family, "Log", "1970-10-10")).await;
     node.log
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = node.log_end();
     let reply = node.get(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json["name"][0]["family"], family);
+    (id, before)
+}
+
+#[tokio::test]
+async fn reads_are_journaled_while_log_fails() {
+    let node = TestNode::start().await;
+    let (id, before) = read_while_log_fails(&node, "Down").await;
+    assert_eq!(node.log_end(), before, "the failing log took an event");
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.json["status"], "degraded", "{}", health.text);
     assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
+        health.json["access_journal"]["pending"], 1,
         "{}",
-        reply.text
+        health.text
     );
-    assert!(reply.header("retry-after").is_some());
+    let metrics = node.call(Method::GET, "/metrics", None, None, &[]).await;
     assert!(
-        !reply.text.contains("Down"),
-        "health data leaked in the error: {}",
-        reply.text
+        metrics.text.contains("chartlog_access_journal_pending 1\n"),
+        "{}",
+        metrics.text
     );
+
     let write = node
         .post(
             "/fhir/Patient",
@@ -447,16 +473,54 @@ async fn read_fails_when_access_cannot_be_recorded() {
         )
         .await;
     assert_eq!(write.status, StatusCode::SERVICE_UNAVAILABLE);
-    let health = node.call(Method::GET, "/health", None, None, &[]).await;
-    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(health.json["status"], "degraded", "{}", health.text);
+    assert!(write.header("retry-after").is_some());
+    assert!(
+        !write.text.contains("New"),
+        "health data leaked in the error: {}",
+        write.text
+    );
+
     node.log
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for_empty_journal(&node).await;
     assert_eq!(
-        node.get(&format!("/fhir/Patient/{id}")).await.status,
-        StatusCode::OK
+        node.log_end(),
+        before + 1,
+        "the journaled access was not recorded once"
     );
+
+    // The trail shows when the data left, before the event could be recorded.
+    let trail = node.access_log(&id).await;
+    assert_eq!(trail.status, StatusCode::OK, "{}", trail.text);
+    assert_eq!(TestNode::served_during_outage(&trail), 1, "{}", trail.text);
+    let journaled = trail.json["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| &entry["resource"])
+        .find(|event| event["period"]["start"] != event["recorded"])
+        .unwrap();
+    assert_eq!(journaled["subtype"][0]["code"], "read");
+    let served = journaled["period"]["start"].as_str().unwrap();
+    let recorded = journaled["recorded"].as_str().unwrap();
+    assert!(served < recorded, "served {served}, recorded {recorded}");
+}
+
+#[tokio::test]
+async fn journaled_access_survives_restart_once() {
+    let node = TestNode::start().await;
+    let (_, before) = read_while_log_fails(&node, "Kept").await;
+    let (dir, kafka) = node.stop().await;
+
+    let node = TestNode::start_in(dir, kafka).await;
+    wait_for_empty_journal(&node).await;
+    assert_eq!(node.log_end(), before + 1);
+    let (dir, kafka) = node.stop().await;
+
+    let node = TestNode::start_in(dir, kafka).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(node.log_end(), before + 1, "the access was recorded twice");
 }
 
 fn transaction_bundle(patient_url: &str, fail_last: bool) -> Value {
@@ -1150,7 +1214,9 @@ async fn metrics_report_projection_lag() {
         reply.text
     );
     assert!(
-        reply.text.contains("chartlog_log_appended_events_total 2\n"),
+        reply
+            .text
+            .contains("chartlog_log_appended_events_total 2\n"),
         "{}",
         reply.text
     );

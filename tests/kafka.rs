@@ -80,7 +80,8 @@ async fn broker_outage_fails_writes_then_recovers() {
         "the kafka tests need CHARTLOG_TEST_LOG=kafka"
     );
     let node = TestNode::start().await;
-    node.create(&patient("Before", "Outage", "1970-01-01"))
+    let before_id = node
+        .create(&patient("Before", "Outage", "1970-01-01"))
         .await;
 
     kafka_script(&["stop-broker", "1"]);
@@ -99,6 +100,17 @@ async fn broker_outage_fails_writes_then_recovers() {
     assert!(reply.header("retry-after").is_some());
     let health = node.call(Method::GET, "/health", None, None, &[]).await;
     assert_eq!(health.json["status"], "degraded", "{}", health.text);
+
+    // Reads keep being served from the projection; their accesses wait in the journal.
+    let read = node.get(&format!("/fhir/Patient/{before_id}")).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text);
+    assert_eq!(read.json["name"][0]["family"], "Before");
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(
+        health.json["access_journal"]["pending"], 1,
+        "{}",
+        health.text
+    );
 
     kafka_script(&["start-broker", "1"]);
     kafka_script(&["wait", "--timeout", "90"]);
@@ -121,8 +133,18 @@ async fn broker_outage_fails_writes_then_recovers() {
         "writes did not resume: {}",
         recovered.text
     );
-    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let health = loop {
+        let health = node.call(Method::GET, "/health", None, None, &[]).await;
+        if health.json["access_journal"]["pending"] == 0 || Instant::now() > deadline {
+            break health;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(health.json["status"], "ok", "{}", health.text);
+    let trail = node.access_log(&before_id).await;
+    let served_in_outage = TestNode::served_during_outage(&trail);
+    assert_eq!(served_in_outage, 1, "{}", trail.text);
     let found = node.get("/fhir/Patient?name=During").await;
     assert_eq!(
         found.json["total"], 0,

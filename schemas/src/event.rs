@@ -31,7 +31,7 @@ impl EventType {
             EventType::ChartOpened => 1,
             EventType::ResourceRecorded => 1,
             EventType::ResourceRetracted => 1,
-            EventType::ChartAccessed => 1,
+            EventType::ChartAccessed => 2,
         }
     }
 
@@ -160,6 +160,8 @@ pub struct AccessedResource {
 }
 
 /// Payload of a read of health data: who read (header), what, how and from where.
+///
+/// Version 2 added `served_at_micros`; version 1 events decode with it empty.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChartAccessed {
     /// FHIR interaction: `read`, `vread`, `history`, `search` or `everything`.
@@ -168,6 +170,29 @@ pub struct ChartAccessed {
     pub resources: Vec<AccessedResource>,
     /// Network address of the client, as the server saw it.
     pub client_address: String,
+    /// When the data left the server, in microseconds since the Unix epoch, for a read served
+    /// while the log was unreachable: its access waited in the node's access journal and was
+    /// recorded later. Empty when the event was recorded before the data left.
+    pub served_at_micros: Option<i64>,
+}
+
+/// [`ChartAccessed`] as schema version 1 wrote it.
+#[derive(Deserialize)]
+struct ChartAccessedV1 {
+    interaction: String,
+    resources: Vec<AccessedResource>,
+    client_address: String,
+}
+
+impl From<ChartAccessedV1> for ChartAccessed {
+    fn from(old: ChartAccessedV1) -> ChartAccessed {
+        ChartAccessed {
+            interaction: old.interaction,
+            resources: old.resources,
+            client_address: old.client_address,
+            served_at_micros: None,
+        }
+    }
 }
 
 /// A decoded payload of any event type, at its current schema version.
@@ -257,19 +282,22 @@ impl EventPayload {
     /// [`PayloadError::Malformed`] for bytes that do not decode.
     pub fn decode(event_type: EventType, version: u16, bytes: &[u8]) -> Result<Self, PayloadError> {
         let name = event_type.as_str();
-        if version != event_type.current_schema_version() {
-            // NOTE: every type is still at version 1. When a version 2 appears, version 1 bytes
-            // are decoded here with the old struct and upcast; they are never rewritten.
-            return Err(PayloadError::UnsupportedVersion {
-                event_type: name,
-                version,
-            });
-        }
         let malformed = |source| PayloadError::Malformed {
             event_type: name,
             version,
             source,
         };
+        // Older versions decode with their own struct and are upcast; they are never rewritten.
+        if event_type == EventType::ChartAccessed && version == 1 {
+            let old: ChartAccessedV1 = postcard::from_bytes(bytes).map_err(malformed)?;
+            return Ok(EventPayload::ChartAccessed(old.into()));
+        }
+        if version != event_type.current_schema_version() {
+            return Err(PayloadError::UnsupportedVersion {
+                event_type: name,
+                version,
+            });
+        }
         let payload = match event_type {
             EventType::ChartOpened => {
                 EventPayload::ChartOpened(postcard::from_bytes(bytes).map_err(malformed)?)

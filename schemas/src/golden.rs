@@ -45,18 +45,38 @@ pub fn sample_payloads() -> Vec<(&'static str, EventPayload)> {
             }),
         ),
         (
-            "chart-accessed-v1",
+            "chart-accessed-v2",
             EventPayload::ChartAccessed(ChartAccessed {
-                interaction: "vread".into(),
+                interaction: "read".into(),
                 resources: vec![AccessedResource {
-                    resource_type: "Observation".into(),
-                    resource_id: "obs-1".into(),
-                    version: Some(2),
+                    resource_type: "Condition".into(),
+                    resource_id: "cond-7".into(),
+                    version: None,
                 }],
-                client_address: "127.0.0.1:50000".into(),
+                client_address: "10.0.0.8:41000".into(),
+                served_at_micros: Some(1_764_806_400_000_000),
             }),
         ),
     ]
+}
+
+/// Returns the samples of schema versions no longer written: each golden file's name, its
+/// version, and the value it must decode to once upcast to the current version.
+pub fn retired_samples() -> Vec<(&'static str, u16, EventPayload)> {
+    vec![(
+        "chart-accessed-v1",
+        1,
+        EventPayload::ChartAccessed(ChartAccessed {
+            interaction: "vread".into(),
+            resources: vec![AccessedResource {
+                resource_type: "Observation".into(),
+                resource_id: "obs-1".into(),
+                version: Some(2),
+            }],
+            client_address: "127.0.0.1:50000".into(),
+            served_at_micros: None,
+        }),
+    )]
 }
 
 /// Returns the fixed sample header used in the golden envelope.
@@ -121,8 +141,9 @@ mod tests {
         for (name, sample) in sample_payloads() {
             let golden = golden_bytes(name, &sample.encode());
             let event_type = sample.event_type();
-            let decoded = EventPayload::decode(event_type, 1, &golden)
-                .unwrap_or_else(|error| panic!("golden {name} no longer decodes: {error}"));
+            let decoded =
+                EventPayload::decode(event_type, event_type.current_schema_version(), &golden)
+                    .unwrap_or_else(|error| panic!("golden {name} no longer decodes: {error}"));
             assert!(
                 decoded == sample,
                 "golden {name} decodes to a different value"
@@ -138,6 +159,23 @@ mod tests {
                 hex::encode(sample.encode()),
                 hex::encode(golden),
                 "encoding of {name} changed; add a schema version instead"
+            );
+        }
+    }
+
+    #[test]
+    fn retired_versions_decode_upcast() {
+        for (name, version, expected) in retired_samples() {
+            let path = golden_path(name);
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|error| {
+                panic!("golden file {} unreadable: {error}", path.display())
+            });
+            let golden = hex::decode(text.trim()).unwrap();
+            let decoded = EventPayload::decode(expected.event_type(), version, &golden)
+                .unwrap_or_else(|error| panic!("golden {name} no longer decodes: {error}"));
+            assert!(
+                decoded == expected,
+                "golden {name} decodes to a different value"
             );
         }
     }

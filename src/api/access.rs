@@ -1,16 +1,20 @@
 //! Opening stored versions and recording who read them.
 //!
 //! Invariant: a handler calls [`record_access`] and awaits it before any health data leaves in
-//! its response; when the access event cannot be made durable the request fails with 503.
+//! its response. The access is then durable: on the log, or, while the log cannot take it, in
+//! the node's access journal (see [`crate::journal`]). When neither can take it the request
+//! fails with 503.
 
 use std::collections::BTreeMap;
 
 use chartlog_projections::VersionRecord;
-use chartlog_schemas::{AccessedResource, ChartAccessed, ChartId, EventPayload};
+use chartlog_schemas::{AccessedResource, ChartAccessed, ChartId, CommandId, EventPayload};
 
 use super::{ApiError, AppState, Caller};
 use crate::command::{Command, Operation};
 use crate::crypto;
+use crate::journal::PendingAccess;
+use crate::writer::WriteError;
 
 /// Checks the digest of an envelope kept in the projection and decrypts its payload. The
 /// signature was checked when the projector applied the envelope; here the digest and the
@@ -93,6 +97,7 @@ pub async fn record_access(
                 interaction: interaction.to_owned(),
                 resources,
                 client_address: caller.client_address.clone(),
+                served_at_micros: None,
             },
         })
         .collect();
@@ -103,11 +108,64 @@ pub async fn record_access(
         fingerprint: None,
         operations,
     };
-    state.writer.submit(command).await.map_err(|error| {
+    submit_access(state, command, interaction).await
+}
+
+/// Makes the access events of `command` durable: appended to the log, or journaled when the
+/// log cannot take them now.
+///
+/// # Errors
+///
+/// 503 when neither the log nor the journal took them.
+pub async fn submit_access(
+    state: &AppState,
+    command: Command,
+    interaction: &str,
+) -> Result<(), ApiError> {
+    let rejected = |error: &dyn std::fmt::Display| {
         tracing::error!(error = %error, interaction, "access event not recorded; read rejected");
         ApiError::unavailable(
             "the access could not be recorded, so the read was rejected; retry later",
         )
-    })?;
-    Ok(())
+    };
+    // While the log is known to fail, or earlier accesses still wait, the journal takes the
+    // access at once instead of waiting for another append to time out.
+    if state.writer.is_healthy() && state.access_journal.is_empty() {
+        match state.writer.submit(command.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(WriteError::Append(error)) => {
+                tracing::warn!(error = %error, interaction, "log append failed; access goes to the access journal");
+            }
+            Err(error) => return Err(rejected(&error)),
+        }
+    }
+    let served_at_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as i64);
+    let pending: Vec<PendingAccess> = command
+        .operations
+        .into_iter()
+        .filter_map(|operation| match operation {
+            Operation::Access {
+                chart_id,
+                mut access,
+            } => {
+                access.served_at_micros = Some(served_at_micros);
+                Some(PendingAccess {
+                    command_id: CommandId::random(),
+                    actor: command.actor.clone(),
+                    purpose_of_use: command.purpose_of_use.clone(),
+                    chart_id,
+                    access,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let journal = state.access_journal.clone();
+    match tokio::task::spawn_blocking(move || journal.append(&pending)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(rejected(&error)),
+        Err(error) => Err(rejected(&error)),
+    }
 }

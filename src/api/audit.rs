@@ -7,7 +7,7 @@
 
 use axum::http::StatusCode;
 use axum::response::Response;
-use chartlog_schemas::{ChartAccessed, EventHeader, EventPayload};
+use chartlog_schemas::{ChartAccessed, EventHeader, EventPayload, HlcTimestamp};
 use serde_json::{json, Value};
 
 use super::rest::{fhir_json, page_from, page_links};
@@ -28,6 +28,19 @@ fn open_access(
             &"entry holds no access",
         )),
     }
+}
+
+/// Returns when the data left: the moment the event was recorded, or, for a read served while
+/// the log was unreachable, the earlier moment kept in the access journal.
+fn served_period(header: &EventHeader, access: &ChartAccessed) -> Value {
+    let served = access
+        .served_at_micros
+        .map_or(header.recorded_at, |wall_micros| HlcTimestamp {
+            wall_micros,
+            logical: 0,
+        });
+    let instant = format_instant(served);
+    json!({"start": instant, "end": instant})
 }
 
 /// Builds the AuditEvent of one access.
@@ -62,6 +75,7 @@ fn audit_event(position: u64, header: &EventHeader, access: &ChartAccessed) -> V
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": access.interaction}],
         "action": action,
         "recorded": format_instant(header.recorded_at),
+        "period": served_period(header, access),
         "outcome": "0",
         "purposeOfEvent": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": header.purpose_of_use}]}],
         "agent": [{
@@ -119,15 +133,11 @@ pub async fn access_log(
                 interaction: "audit".into(),
                 resources: Vec::new(),
                 client_address: caller.client_address.clone(),
+                served_at_micros: None,
             },
         }],
     };
-    state.writer.submit(reading).await.map_err(|error| {
-        tracing::error!(error = %error, "audit read not recorded; request rejected");
-        ApiError::unavailable(
-            "the access could not be recorded, so the read was rejected; retry later",
-        )
-    })?;
+    super::access::submit_access(state, reading, "audit").await?;
 
     let path = format!("Patient/{patient_id}/$access-log");
     let bundle = json!({

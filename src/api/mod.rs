@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::auth::{Action, Authenticator, Principal};
 use crate::crypto::KeyStore;
+use crate::journal::AccessJournal;
 use crate::log::{EventLog, LogPosition};
 use crate::node::Node;
 use crate::projector::ProjectorStatus;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub log: Arc<dyn EventLog>,
     /// Projector status.
     pub projector: watch::Receiver<ProjectorStatus>,
+    /// Accesses waiting for the log.
+    pub access_journal: Arc<AccessJournal>,
     /// Token validation.
     pub authenticator: Arc<Authenticator>,
     /// Base URL of the FHIR endpoint as clients reach it, for fullUrl and Location.
@@ -69,6 +72,7 @@ impl AppState {
             keys: node.keys.clone(),
             log: node.log.clone(),
             projector: node.projector.clone(),
+            access_journal: node.access_journal.clone(),
             authenticator,
             base_url: base_url.trim_end_matches('/').into(),
         }
@@ -229,7 +233,8 @@ async fn health(
     let log_end = *state.log.end_position().borrow();
     let lag = log_end.0.saturating_sub(status.applied);
     let writer_healthy = state.writer.is_healthy();
-    let (code, node_state) = if status.halted.is_some() || !writer_healthy {
+    let journaled = *state.access_journal.pending().borrow();
+    let (code, node_state) = if status.halted.is_some() || !writer_healthy || journaled > 0 {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
     } else {
         (axum::http::StatusCode::OK, "ok")
@@ -237,6 +242,7 @@ async fn health(
     let body = serde_json::json!({
         "status": node_state,
         "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": writer_healthy},
+        "access_journal": {"pending": journaled},
         "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
     });
     (code, axum::Json(body)).into_response()
@@ -293,6 +299,13 @@ async fn metrics(
         "1 when the writer runs and its last append succeeded.",
         "",
         u64::from(state.writer.is_healthy()),
+    );
+    metric(
+        "gauge",
+        "chartlog_access_journal_pending",
+        "Accesses of reads served while the log was unreachable, waiting to be recorded on it.",
+        "",
+        *state.access_journal.pending().borrow(),
     );
     let counters = state.writer.append_counters();
     metric(

@@ -228,6 +228,27 @@ impl TestNode {
         }
     }
 
+    /// Reads a patient's access log as a compliance officer.
+    pub async fn access_log(&self, patient_id: &str) -> Reply {
+        let officer = self.token("privacy-1", "compliance-officer");
+        let uri = format!("/fhir/Patient/{patient_id}/$access-log");
+        self.call(Method::GET, &uri, Some(&officer), None, &[])
+            .await
+    }
+
+    /// Returns how many AuditEvents of an access log record a read served while the log was
+    /// unreachable: those whose period differs from the moment they were recorded.
+    pub fn served_during_outage(trail: &Reply) -> usize {
+        trail.json["entry"].as_array().map_or(0, |entries| {
+            entries
+                .iter()
+                .filter(|entry| {
+                    entry["resource"]["period"]["start"] != entry["resource"]["recorded"]
+                })
+                .count()
+        })
+    }
+
     pub async fn get(&self, uri: &str) -> Reply {
         let token = self.physician();
         self.call(Method::GET, uri, Some(&token), None, &[]).await

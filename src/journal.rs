@@ -1,0 +1,333 @@
+//! The access journal: where a node keeps the access events of reads it served while the log
+//! could not take them, until the log is back.
+//!
+//! A read appends its access event before any data leaves. When that append fails because the
+//! log is unreachable, or earlier accesses are still waiting here, the access goes into this
+//! journal instead: a RocksDB database in the data directory, written with a sync before the
+//! read is answered. So reads keep being served through a Kafka outage and no access goes
+//! unrecorded. A drain task submits the waiting accesses to the writer once the log is back and
+//! deletes each only after its event is durable on the log.
+//!
+//! Invariants:
+//! - An entry is encrypted under its chart's data key, like the event it becomes.
+//! - Each entry carries a command id fixed when it was journaled, so an entry submitted again
+//!   after a crash between the append and the delete takes effect once.
+//! - The event records when the data left (`served_at_micros`) beside when it was appended.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chartlog_schemas::{ChartAccessed, ChartId, CommandId, KeyId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use crate::command::{Command, Operation};
+use crate::crypto::{self, KeyStore};
+use crate::writer::{WriteError, Writer};
+
+/// Associated data that binds a journal entry's ciphertext to its purpose.
+const ENTRY_CONTEXT: &[u8] = b"chartlog access journal v1";
+
+/// Most entries submitted to the writer in one round of draining.
+const DRAIN_ROUND: usize = 512;
+
+/// Wait between drain attempts while the log stays unreachable.
+const DRAIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Error from the access journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// RocksDB failed.
+    #[error("access journal storage failed")]
+    Storage(#[from] rocksdb::Error),
+    /// The chart has no data key, so its access cannot be encrypted.
+    #[error("chart {0} has no data key")]
+    NoDataKey(ChartId),
+    /// The key store failed.
+    #[error("access journal key lookup failed")]
+    Keys(#[from] crypto::KeyStoreError),
+    /// An entry does not decode or decrypt.
+    #[error("access journal entry {0} is unreadable")]
+    Unreadable(u64),
+}
+
+/// One waiting access of one chart, in the clear.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingAccess {
+    /// Id of the command that records it, fixed when it was journaled.
+    pub command_id: CommandId,
+    /// Who read.
+    pub actor: String,
+    /// Why.
+    pub purpose_of_use: String,
+    /// The chart read.
+    pub chart_id: ChartId,
+    /// The access itself, with `served_at_micros` set.
+    pub access: ChartAccessed,
+}
+
+/// A stored entry: the chart and key in the clear, the access encrypted.
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    chart_id: ChartId,
+    key_id: KeyId,
+    ciphertext: Vec<u8>,
+}
+
+/// The journal of one node.
+pub struct AccessJournal {
+    db: rocksdb::DB,
+    keys: Arc<KeyStore>,
+    next_sequence: AtomicU64,
+    pending: watch::Sender<u64>,
+    added: Notify,
+}
+
+impl std::fmt::Debug for AccessJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AccessJournal({} pending)", *self.pending.borrow())
+    }
+}
+
+fn associated_data(sequence: u64, chart_id: ChartId) -> Vec<u8> {
+    let mut data = ENTRY_CONTEXT.to_vec();
+    data.extend_from_slice(&sequence.to_be_bytes());
+    data.extend_from_slice(chart_id.as_bytes());
+    data
+}
+
+impl AccessJournal {
+    /// Opens or creates the journal at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Storage`] when RocksDB cannot open it.
+    pub fn open(path: &Path, keys: Arc<KeyStore>) -> Result<AccessJournal, JournalError> {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.set_paranoid_checks(true);
+        let db = rocksdb::DB::open(&options, path)?;
+        let mut count = 0u64;
+        let mut last = None;
+        for item in db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, _) = item?;
+            count += 1;
+            last = key.as_ref().try_into().ok().map(u64::from_be_bytes);
+        }
+        let (pending, _) = watch::channel(count);
+        Ok(AccessJournal {
+            db,
+            keys,
+            next_sequence: AtomicU64::new(last.map_or(0, |last| last + 1)),
+            pending,
+            added: Notify::new(),
+        })
+    }
+
+    /// Returns a receiver of the number of waiting entries.
+    pub fn pending(&self) -> watch::Receiver<u64> {
+        self.pending.subscribe()
+    }
+
+    /// Returns whether no entry is waiting.
+    pub fn is_empty(&self) -> bool {
+        *self.pending.borrow() == 0
+    }
+
+    /// Stores `accesses` durably (synced) in one write. Blocks; call it off the async runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError`] when a chart has no data key or the write fails; nothing was stored.
+    pub fn append(&self, accesses: &[PendingAccess]) -> Result<(), JournalError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for access in accesses {
+            let key_id = self
+                .keys
+                .chart_key_id(access.chart_id)
+                .ok_or(JournalError::NoDataKey(access.chart_id))?;
+            let data_key = self.keys.data_key(key_id)?;
+            let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
+            let plaintext = postcard::to_allocvec(access)
+                .expect("a pending access serializes with postcard into a Vec");
+            let stored = StoredEntry {
+                chart_id: access.chart_id,
+                key_id,
+                ciphertext: crypto::encrypt(
+                    &data_key,
+                    &plaintext,
+                    &associated_data(sequence, access.chart_id),
+                ),
+            };
+            let value = postcard::to_allocvec(&stored)
+                .expect("a journal entry serializes with postcard into a Vec");
+            batch.put(sequence.to_be_bytes(), value);
+        }
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        self.pending
+            .send_modify(|pending| *pending += accesses.len() as u64);
+        self.added.notify_one();
+        Ok(())
+    }
+
+    /// Reads up to `max` waiting entries, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError`] when an entry cannot be read or opened.
+    pub fn oldest(&self, max: usize) -> Result<Vec<(u64, PendingAccess)>, JournalError> {
+        let mut entries = Vec::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::Start).take(max) {
+            let (key, value) = item?;
+            let sequence = key
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| JournalError::Unreadable(0))?;
+            let unreadable = |_| JournalError::Unreadable(sequence);
+            let stored: StoredEntry = postcard::from_bytes(&value).map_err(unreadable)?;
+            let data_key = self.keys.data_key(stored.key_id)?;
+            let plaintext = crypto::decrypt(
+                &data_key,
+                &stored.ciphertext,
+                &associated_data(sequence, stored.chart_id),
+            )
+            .map_err(|_| JournalError::Unreadable(sequence))?;
+            let access: PendingAccess = postcard::from_bytes(&plaintext).map_err(unreadable)?;
+            if access.chart_id != stored.chart_id {
+                return Err(JournalError::Unreadable(sequence));
+            }
+            entries.push((sequence, access));
+        }
+        Ok(entries)
+    }
+
+    /// Deletes entries whose events are durable on the log.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Storage`] when the write fails; the entries stay and are submitted again,
+    /// which their command ids make harmless.
+    pub fn remove(&self, sequences: &[u64]) -> Result<(), JournalError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for sequence in sequences {
+            batch.delete(sequence.to_be_bytes());
+        }
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        self.pending
+            .send_modify(|pending| *pending = pending.saturating_sub(sequences.len() as u64));
+        Ok(())
+    }
+}
+
+impl PendingAccess {
+    /// Returns the command that records this access on the log.
+    pub fn command(&self) -> Command {
+        Command {
+            actor: self.actor.clone(),
+            purpose_of_use: self.purpose_of_use.clone(),
+            command_id: Some(self.command_id),
+            fingerprint: None,
+            operations: vec![Operation::Access {
+                chart_id: self.chart_id,
+                access: self.access.clone(),
+            }],
+        }
+    }
+}
+
+/// Submits one round of waiting entries and deletes those now on the log. Returns how many
+/// were recorded and whether the log refused any.
+async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, bool) {
+    let entries = {
+        let journal = journal.clone();
+        match tokio::task::spawn_blocking(move || journal.oldest(DRAIN_ROUND)).await {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(error)) => {
+                tracing::error!(error = %error, "access journal unreadable; entries stay");
+                return (0, true);
+            }
+            Err(_) => return (0, true),
+        }
+    };
+    if entries.is_empty() {
+        return (0, false);
+    }
+    // Submitted together, the entries share the writer's batches.
+    let mut submitted = tokio::task::JoinSet::new();
+    for (sequence, access) in entries {
+        let writer = writer.clone();
+        submitted.spawn(async move { (sequence, writer.submit(access.command()).await) });
+    }
+    let mut recorded = Vec::new();
+    let mut refused = false;
+    while let Some(result) = submitted.join_next().await {
+        let Ok((sequence, outcome)) = result else {
+            refused = true;
+            continue;
+        };
+        match outcome {
+            Ok(_) => recorded.push(sequence),
+            Err(WriteError::Rejected(error)) => {
+                // The log took nothing; the entry stays so that no access is dropped.
+                tracing::error!(entry = sequence, error = %error, "journaled access rejected; it stays in the access journal");
+                refused = true;
+            }
+            Err(_) => refused = true,
+        }
+    }
+    let count = recorded.len();
+    if !recorded.is_empty() {
+        let journal = journal.clone();
+        let removed = tokio::task::spawn_blocking(move || journal.remove(&recorded)).await;
+        if !matches!(removed, Ok(Ok(()))) {
+            tracing::error!("access journal entries recorded on the log but not deleted; they will be submitted again");
+            refused = true;
+        }
+    }
+    (count, refused)
+}
+
+/// Starts the task that moves waiting accesses onto the log, until `shutdown` turns true.
+pub fn start_drain(
+    journal: Arc<AccessJournal>,
+    writer: Writer,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let (recorded, refused) = drain_round(&journal, &writer).await;
+            if recorded > 0 {
+                tracing::info!(
+                    recorded,
+                    pending = *journal.pending.borrow(),
+                    "journaled accesses recorded on the log"
+                );
+            }
+            if !refused && !journal.is_empty() {
+                continue;
+            }
+            if refused {
+                // New entries arriving meanwhile do not bring the log back: wait the full time.
+                tokio::select! {
+                    _ = tokio::time::sleep(DRAIN_RETRY) => {}
+                    _ = shutdown.changed() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = journal.added.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    })
+}
