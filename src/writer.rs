@@ -214,7 +214,7 @@ struct Accepted {
     last_event: Option<usize>,
 }
 
-/// What became of one batch.
+/// The outcome of one batch.
 enum BatchOutcome {
     /// Every command was rejected or repeated, so nothing needed appending.
     NothingToAppend,

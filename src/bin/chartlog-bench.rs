@@ -1,14 +1,14 @@
 //! `chartlog-bench`: drives the HTTP API of a node over loopback TCP and reports chart writes
-//! per second, audited reads per second and their latency, next to baselines of raw appends of
-//! envelopes of the same size to a log of the same kind (the embedded log on the same disk, or
-//! the same Kafka broker), run in the same process.
+//! per second, audited reads per second and their latency. Beside them it reports baselines:
+//! raw appends of envelopes of the same size to a log of the same kind (the embedded log on the
+//! same disk, or the same Kafka broker), run in the same process.
 //!
 //! Phases: (1) saturate with writes (each a new Observation, durable before the answer);
 //! (2) saturate with reads (each appends a durable access event before the answer); (3) offer
 //! half the measured write rate and half the read rate, paced; (4) offer fixed rates, by default
-//! half the targets; (5) the baselines: one append per envelope, appends of as many envelopes
-//! as the writer put in one batch on average in phase 1, and appends of 64. On the embedded
-//! log an append is a synced RocksDB write; on Kafka it is a transaction.
+//! half the targets; (5) the baselines. They append one envelope at a time, then as many as the
+//! writer put in one batch on average in phase 1, then 64. On the embedded log an append is a
+//! synced RocksDB write; on Kafka it is a transaction.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
