@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::command::{Command, Operation};
 use crate::crypto::{self, KeyStore};
-use crate::writer::{WriteError, Writer};
+use crate::writer::{WeakWriter, WriteError, Writer};
 
 /// Associated data that binds a journal entry's ciphertext to its purpose.
 const ENTRY_CONTEXT: &[u8] = b"chartlog access journal v1";
@@ -295,9 +295,12 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
 }
 
 /// Starts the task that moves waiting accesses onto the log, until `shutdown` turns true.
+///
+/// The task holds a weak handle, upgraded for one round at a time, so that it never keeps the
+/// writer thread (and the log it holds open) running after the node is dropped.
 pub fn start_drain(
     journal: Arc<AccessJournal>,
-    writer: Writer,
+    writer: WeakWriter,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -305,7 +308,11 @@ pub fn start_drain(
             if *shutdown.borrow() {
                 return;
             }
-            let (recorded, refused) = drain_round(&journal, &writer).await;
+            let Some(full) = writer.upgrade() else {
+                return;
+            };
+            let (recorded, refused) = drain_round(&journal, &full).await;
+            drop(full);
             if recorded > 0 {
                 tracing::info!(
                     recorded,

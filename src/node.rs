@@ -255,8 +255,11 @@ impl Node {
                 "access journal has accesses waiting for the log"
             );
         }
-        let drain_task =
-            journal::start_drain(access_journal.clone(), writer.clone(), shutdown_receiver);
+        let drain_task = journal::start_drain(
+            access_journal.clone(),
+            writer.downgrade(),
+            shutdown_receiver,
+        );
 
         let node = Node {
             writer,

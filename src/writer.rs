@@ -71,6 +71,27 @@ pub struct Writer {
     counters: Arc<AppendCounters>,
 }
 
+/// A writer handle for background tasks, which must not keep the writer thread running.
+#[derive(Clone)]
+pub struct WeakWriter {
+    queue: mpsc::WeakSender<Request>,
+    state: std::sync::Weak<RwLock<WriterState>>,
+    appends_failing: Arc<AtomicBool>,
+    counters: Arc<AppendCounters>,
+}
+
+impl WeakWriter {
+    /// Returns a full handle while the writer still runs.
+    pub fn upgrade(&self) -> Option<Writer> {
+        Some(Writer {
+            queue: self.queue.upgrade()?,
+            state: self.state.upgrade()?,
+            appends_failing: self.appends_failing.clone(),
+            counters: self.counters.clone(),
+        })
+    }
+}
+
 /// Successful appends since the writer started, for metrics and the bench.
 #[derive(Default)]
 pub struct AppendCounters {
@@ -139,6 +160,17 @@ impl Writer {
         Writer {
             queue,
             state: self.state.clone(),
+            appends_failing: self.appends_failing.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Returns a handle that does not keep the writer thread running: the thread stops once
+    /// every full handle is gone, whatever weak handles remain.
+    pub fn downgrade(&self) -> WeakWriter {
+        WeakWriter {
+            queue: self.queue.downgrade(),
+            state: Arc::downgrade(&self.state),
             appends_failing: self.appends_failing.clone(),
             counters: self.counters.clone(),
         }
