@@ -4,7 +4,7 @@
 //! A read appends its access event before any data leaves. When that append fails because the
 //! log is unreachable, or earlier accesses are still waiting here, the access goes into this
 //! journal instead: a RocksDB database in the data directory, written with a sync before the
-//! read is answered. So reads keep being served through a Kafka outage and no access goes
+//! read's response is sent. So reads keep being served through a Kafka outage and no access goes
 //! unrecorded. A drain task submits the waiting accesses to the writer once the log is back and
 //! deletes each only after its event is durable on the log.
 //!
@@ -30,10 +30,10 @@ use crate::writer::{WeakWriter, WriteError, Writer};
 /// Associated data that binds a journal entry's ciphertext to its purpose.
 const ENTRY_CONTEXT: &[u8] = b"chartlog access journal v1";
 
-/// Most entries submitted to the writer in one round of draining.
+/// Maximum number of entries submitted to the writer in one round of draining.
 const DRAIN_ROUND: usize = 512;
 
-/// Wait between drain attempts while the log stays unreachable.
+/// Delay between drain attempts while the log stays unreachable.
 const DRAIN_RETRY: Duration = Duration::from_secs(1);
 
 /// Error from the access journal.
@@ -58,9 +58,9 @@ pub enum JournalError {
 pub struct PendingAccess {
     /// Id of the command that records it, fixed when it was journaled.
     pub command_id: CommandId,
-    /// Who read.
+    /// The user who read.
     pub actor: String,
-    /// Why.
+    /// The purpose of use the read was made for.
     pub purpose_of_use: String,
     /// The chart read.
     pub chart_id: ChartId,
@@ -243,7 +243,7 @@ impl PendingAccess {
 }
 
 /// Submits one round of waiting entries and deletes those now on the log. Returns how many
-/// were recorded and whether the log refused any.
+/// were recorded and whether any entry stays for a later round.
 async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, bool) {
     let entries = {
         let journal = journal.clone();
@@ -253,7 +253,10 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
                 tracing::error!(error = %error, "access journal unreadable; entries stay");
                 return (0, true);
             }
-            Err(_) => return (0, true),
+            Err(error) => {
+                tracing::error!(error = %error, "access journal read task failed; entries stay");
+                return (0, true);
+            }
         }
     };
     if entries.is_empty() {
@@ -266,38 +269,49 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
         submitted.spawn(async move { (sequence, writer.submit(access.command()).await) });
     }
     let mut recorded = Vec::new();
-    let mut refused = false;
+    let mut stalled = false;
     while let Some(result) = submitted.join_next().await {
-        let Ok((sequence, outcome)) = result else {
-            refused = true;
-            continue;
+        let (sequence, outcome) = match result {
+            Ok(submission) => submission,
+            Err(error) => {
+                tracing::error!(error = %error, "access journal submission task failed; its entry stays");
+                stalled = true;
+                continue;
+            }
         };
         match outcome {
             Ok(_) => recorded.push(sequence),
             Err(WriteError::Rejected(error)) => {
                 // The log took nothing; the entry stays so that no access is dropped.
                 tracing::error!(entry = sequence, error = %error, "journaled access rejected; it stays in the access journal");
-                refused = true;
+                stalled = true;
             }
-            Err(_) => refused = true,
+            // The writer has logged why the append failed; the entry waits for the next round.
+            Err(_) => stalled = true,
         }
     }
     let count = recorded.len();
     if !recorded.is_empty() {
         let journal = journal.clone();
         let removed = tokio::task::spawn_blocking(move || journal.remove(&recorded)).await;
-        if !matches!(removed, Ok(Ok(()))) {
-            tracing::error!("access journal entries recorded on the log but not deleted; they will be submitted again");
-            refused = true;
+        let failure = match removed {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(error.to_string()),
+        };
+        if let Some(error) = failure {
+            tracing::error!(error, "access journal entries recorded on the log but not deleted; they will be submitted again");
+            stalled = true;
         }
     }
-    (count, refused)
+    (count, stalled)
 }
 
 /// Starts the task that moves waiting accesses onto the log, until `shutdown` turns true.
 ///
-/// The task holds a weak handle, upgraded for one round at a time, so that it never keeps the
-/// writer thread (and the log it holds open) running after the node is dropped.
+/// The task keeps only a weak writer handle and upgrades it for one round at a time, so it
+/// never keeps the writer thread, and the log that thread has open, running after the node is
+/// dropped.
 pub fn start_drain(
     journal: Arc<AccessJournal>,
     writer: WeakWriter,
@@ -311,7 +325,7 @@ pub fn start_drain(
             let Some(full) = writer.upgrade() else {
                 return;
             };
-            let (recorded, refused) = drain_round(&journal, &full).await;
+            let (recorded, stalled) = drain_round(&journal, &full).await;
             drop(full);
             if recorded > 0 {
                 tracing::info!(
@@ -320,10 +334,10 @@ pub fn start_drain(
                     "journaled accesses recorded on the log"
                 );
             }
-            if !refused && !journal.is_empty() {
+            if !stalled && !journal.is_empty() {
                 continue;
             }
-            if refused {
+            if stalled {
                 // New entries arriving meanwhile do not bring the log back: wait the full time.
                 tokio::select! {
                     _ = tokio::time::sleep(DRAIN_RETRY) => {}

@@ -201,7 +201,8 @@ impl Writer {
     }
 }
 
-fn now_micros() -> i64 {
+/// Returns the wall clock in microseconds since the Unix epoch, or 0 before it.
+pub(crate) fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_micros() as i64)

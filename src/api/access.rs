@@ -14,7 +14,7 @@ use super::{ApiError, AppState, Caller};
 use crate::command::{Command, Operation};
 use crate::crypto;
 use crate::journal::PendingAccess;
-use crate::writer::WriteError;
+use crate::writer::{now_micros, WriteError};
 
 /// Checks the digest of an envelope kept in the projection and decrypts its payload. The
 /// signature was checked when the projector applied the envelope; here the digest and the
@@ -139,9 +139,7 @@ pub async fn submit_access(
             Err(error) => return Err(rejected(&error)),
         }
     }
-    let served_at_micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_micros() as i64);
+    let served_at_micros = now_micros();
     let pending: Vec<PendingAccess> = command
         .operations
         .into_iter()

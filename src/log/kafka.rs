@@ -342,7 +342,7 @@ impl KafkaLog {
         }
         // rdkafka's commit first flushes, and its flush polls for a fixed 100 ms whenever a
         // record is still counted as outstanding, which it is for a moment after its delivery
-        // report. Waiting for the count to reach zero takes microseconds and saves the 100 ms.
+        // report. Waiting here for the count to reach zero is far shorter than that poll.
         let settle = std::time::Instant::now();
         while producer.in_flight_count() > 0 && settle.elapsed() < FLUSH_SETTLE {
             std::thread::sleep(Duration::from_micros(20));
