@@ -159,6 +159,7 @@ async fn run_server(settings: ServeSettings) -> anyhow::Result<()> {
         data_dir: settings.data_dir.clone(),
         kek_file: settings.key_file.clone(),
         kafka: settings.kafka.clone(),
+        url: Some(settings.base_url.clone()),
     };
     let node = Node::open(&node_config).await?;
 

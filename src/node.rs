@@ -18,6 +18,7 @@ use crate::command::WriterState;
 use crate::crypto::keystore::KeyPaths;
 use crate::crypto::KeyStore;
 use crate::journal::{self, AccessJournal};
+use crate::log::ownership::{Ownership, Role};
 use crate::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use crate::projector::{self, ProjectorStatus};
 use crate::writer::Writer;
@@ -31,6 +32,9 @@ pub struct NodeConfig {
     pub kek_file: Option<PathBuf>,
     /// The Kafka log to use instead of the embedded log in the data directory.
     pub kafka: Option<KafkaConfig>,
+    /// Base URL of this node's FHIR endpoint as clients reach it. On Kafka, standbys redirect
+    /// clients to the owner's; required there.
+    pub url: Option<String>,
 }
 
 impl NodeConfig {
@@ -47,6 +51,12 @@ impl NodeConfig {
     /// Returns the directory of the access journal.
     pub fn access_journal_dir(&self) -> PathBuf {
         self.data_dir.join("access-journal")
+    }
+
+    /// Returns the file holding the node's id, which names it in the Kafka owner group across
+    /// restarts.
+    pub fn node_id_file(&self) -> PathBuf {
+        self.data_dir.join("node-id")
     }
 
     /// Returns the directory of the chart projection.
@@ -69,6 +79,10 @@ pub struct Node {
     pub projector: watch::Receiver<ProjectorStatus>,
     /// Accesses of reads served while the log could not take their events.
     pub access_journal: Arc<AccessJournal>,
+    /// On Kafka, this node's role: owner of the log or standby. `None` on the embedded log,
+    /// which its node always owns.
+    pub role: Option<watch::Receiver<Role>>,
+    membership: Option<Ownership>,
     shutdown: watch::Sender<bool>,
     projector_task: Option<tokio::task::JoinHandle<()>>,
     drain_task: Option<tokio::task::JoinHandle<()>>,
@@ -132,6 +146,35 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
     Ok(state)
 }
 
+/// How long opening a node on Kafka waits for the owner group to decide its role.
+const ROLE_WAIT: Duration = Duration::from_secs(60);
+
+/// Reads the node's id, creating it on first start.
+fn read_or_create_node_id(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                anyhow::bail!(
+                    "{} does not hold a node id; remove it to have a new one created",
+                    path.display()
+                );
+            }
+            Ok(id.to_owned())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            std::fs::write(path, format!("{id}\n"))
+                .with_context(|| format!("cannot write the node id to {}", path.display()))?;
+            tracing::info!(path = %path.display(), "created node id file");
+            Ok(id)
+        }
+        Err(error) => {
+            Err(error).with_context(|| format!("cannot read the node id from {}", path.display()))
+        }
+    }
+}
+
 /// Checks that every chart ends at the head recorded with its appends.
 fn check_heads(state: &WriterState, heads: &[(ChartId, EventSeq, [u8; 32])]) -> anyhow::Result<()> {
     for (chart_id, seq, digest) in heads {
@@ -182,45 +225,56 @@ impl Node {
         }
         let keys = Arc::new(keys);
 
-        let (log, heads): (Arc<dyn EventLog>, Option<Vec<_>>) = match &config.kafka {
-            None => {
-                // A data directory whose keys exist was initialized with a log: a missing log
-                // is lost data, never a reason to start an empty one.
-                let log_dir = config.log_dir();
-                if created.is_empty() && !log_dir.exists() {
-                    anyhow::bail!(
+        let (log, heads, partition): (Arc<dyn EventLog>, Option<Vec<_>>, Option<i32>) =
+            match &config.kafka {
+                None => {
+                    // A data directory whose keys exist was initialized with a log: a missing log
+                    // is lost data, never a reason to start an empty one.
+                    let log_dir = config.log_dir();
+                    if created.is_empty() && !log_dir.exists() {
+                        anyhow::bail!(
                         "the log at {} is missing; this data directory was initialized with one, so restore it from a backup",
                         log_dir.display()
                     );
+                    }
+                    let log = EmbeddedLog::open(&log_dir, true)
+                        .map_err(anyhow::Error::from)
+                        .map_err(|error| explain_lock(error, &data_dir))?;
+                    let heads = log.chart_heads().context("reading the chart heads")?;
+                    (wrap(Arc::new(log)), Some(heads), None)
                 }
-                let log = EmbeddedLog::open(&log_dir, true)
-                    .map_err(anyhow::Error::from)
-                    .map_err(|error| explain_lock(error, &data_dir))?;
-                let heads = log.chart_heads().context("reading the chart heads")?;
-                (wrap(Arc::new(log)), Some(heads))
-            }
-            Some(kafka) => {
-                let log = KafkaLog::open(kafka.clone()).await.with_context(|| {
-                    format!("cannot open the Kafka log on topic {}", kafka.topic)
-                })?;
-                tracing::info!(topic = %kafka.topic, "using the kafka log");
-                (wrap(Arc::new(log)), None)
-            }
-        };
+                Some(kafka) => {
+                    let log = KafkaLog::open_unowned(kafka.clone())
+                        .await
+                        .with_context(|| {
+                            format!("cannot open the Kafka log on topic {}", kafka.topic)
+                        })?;
+                    tracing::info!(topic = %kafka.topic, "using the kafka log");
+                    let partition = log.partition();
+                    (wrap(Arc::new(log)), None, Some(partition))
+                }
+            };
 
-        let started = Instant::now();
-        let state = {
-            let (log, keys) = (log.clone(), keys.clone());
-            tokio::task::spawn_blocking(move || rebuild_writer_state(log.as_ref(), &keys)).await??
+        // On Kafka the writer rebuilds its state when it takes the log over, after fencing the
+        // previous writer; until then it appends nothing.
+        let state = match &heads {
+            Some(heads) => {
+                let started = Instant::now();
+                let state = {
+                    let (log, keys) = (log.clone(), keys.clone());
+                    tokio::task::spawn_blocking(move || rebuild_writer_state(log.as_ref(), &keys))
+                        .await??
+                };
+                check_heads(&state, heads)?;
+                tracing::info!(
+                    charts = state.chart_count(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "writer state rebuilt from the log"
+                );
+                state
+            }
+            None => WriterState::default(),
         };
-        if let Some(heads) = &heads {
-            check_heads(&state, heads)?;
-        }
-        tracing::info!(
-            charts = state.chart_count(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "writer state rebuilt from the log"
-        );
 
         let projection = ChartProjection::open(&config.chart_projection_dir())
             .map_err(anyhow::Error::from)
@@ -261,6 +315,28 @@ impl Node {
             shutdown_receiver,
         );
 
+        let membership = match (&config.kafka, partition) {
+            (Some(kafka), Some(partition)) => {
+                let url = config
+                    .url
+                    .as_deref()
+                    .context("a node on the Kafka log needs the base URL clients reach it at")?;
+                let node_id = read_or_create_node_id(&config.node_id_file())?;
+                let membership = Ownership::start(
+                    kafka,
+                    partition,
+                    &node_id,
+                    url,
+                    log.clone(),
+                    writer.downgrade(),
+                )
+                .context("cannot join the Kafka owner group")?;
+                Some(membership)
+            }
+            _ => None,
+        };
+        let role = membership.as_ref().map(Ownership::role);
+
         let node = Node {
             writer,
             projection,
@@ -268,6 +344,8 @@ impl Node {
             log,
             projector,
             access_journal,
+            role,
+            membership,
             shutdown,
             projector_task: Some(projector_task),
             drain_task: Some(drain_task),
@@ -276,6 +354,18 @@ impl Node {
         let end = *node.log.end_position().borrow();
         node.wait_for_projection(end, Duration::from_secs(600))
             .await?;
+        if let Some(role) = &node.role {
+            let mut role = role.clone();
+            let decided =
+                tokio::time::timeout(ROLE_WAIT, role.wait_for(|role| *role != Role::Undecided))
+                    .await;
+            if decided.is_err() {
+                tracing::warn!(
+                    waited_s = ROLE_WAIT.as_secs(),
+                    "the kafka owner group has not decided this node's role yet; requests answer 503 until it does"
+                );
+            }
+        }
         Ok(node)
     }
 
@@ -305,6 +395,9 @@ impl Node {
 
     /// Stops the projector and the writer and waits for both.
     pub async fn shutdown(mut self) {
+        if let Some(mut membership) = self.membership.take() {
+            let _ = tokio::task::spawn_blocking(move || membership.stop()).await;
+        }
         let _ = self.shutdown.send(true);
         if let Some(task) = self.projector_task.take() {
             let _ = task.await;
@@ -324,6 +417,8 @@ impl Drop for Node {
     /// Stops the projector and, once every other writer handle is gone, waits for the writer
     /// thread, so the RocksDB databases close before the process exits.
     fn drop(&mut self) {
+        // Leave the owner group first, so appends stop before the writer does.
+        drop(self.membership.take());
         let _ = self.shutdown.send(true);
         if let Some(task) = self.projector_task.take() {
             task.abort();

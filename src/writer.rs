@@ -57,9 +57,18 @@ pub struct WriteOutcome {
     pub bodies: Vec<String>,
 }
 
-struct Request {
+struct CommandRequest {
     command: Command,
     reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
+}
+
+/// What the writer thread is asked to do.
+enum Request {
+    /// Plan, seal and append a command.
+    Command(CommandRequest),
+    /// Take the log over from its previous writer, rebuilding the state from the log between
+    /// fencing that writer and the first append.
+    TakeOver(oneshot::Sender<anyhow::Result<()>>),
 }
 
 /// Handle for submitting commands to the writer thread.
@@ -146,10 +155,27 @@ impl Writer {
     pub async fn submit(&self, command: Command) -> Result<WriteOutcome, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Request { command, reply })
+            .send(Request::Command(CommandRequest { command, reply }))
             .await
             .map_err(|_| WriteError::Stopped)?;
         answer.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Has the writer thread take the log over ([`EventLog::begin_ownership`]), rebuild its
+    /// state from the log and then let appends through, between two batches. Blocks; call it
+    /// from a thread of its own, never from the async runtime.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the log cannot be taken over or does not replay; appends stay refused.
+    pub fn take_over_blocking(&self) -> anyhow::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .blocking_send(Request::TakeOver(reply))
+            .map_err(|_| anyhow::anyhow!("the writer has stopped"))?;
+        answer
+            .blocking_recv()
+            .map_err(|_| anyhow::anyhow!("the writer has stopped"))?
     }
 
     /// Returns a handle whose queue is already closed: every submit fails with
@@ -220,24 +246,55 @@ fn run(
     tracing::info!("writer started");
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
     while let Some(first) = receiver.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH_COMMANDS {
+        let mut take_over = None;
+        match first {
+            Request::Command(request) => batch.push(request),
+            Request::TakeOver(reply) => take_over = Some(reply),
+        }
+        while take_over.is_none() && batch.len() < MAX_BATCH_COMMANDS {
             match receiver.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(Request::Command(request)) => batch.push(request),
+                Ok(Request::TakeOver(reply)) => take_over = Some(reply),
                 Err(_) => break,
             }
         }
-        match process_batch(&mut batch, log.as_ref(), &keys, &state) {
-            BatchOutcome::NothingToAppend => {}
-            BatchOutcome::Appended(events) => {
-                appends_failing.store(false, Ordering::Relaxed);
-                counters.batches.fetch_add(1, Ordering::Relaxed);
-                counters.events.fetch_add(events as u64, Ordering::Relaxed);
+        if !batch.is_empty() {
+            match process_batch(&mut batch, log.as_ref(), &keys, &state) {
+                BatchOutcome::NothingToAppend => {}
+                BatchOutcome::Appended(events) => {
+                    appends_failing.store(false, Ordering::Relaxed);
+                    counters.batches.fetch_add(1, Ordering::Relaxed);
+                    counters.events.fetch_add(events as u64, Ordering::Relaxed);
+                }
+                BatchOutcome::Failed => appends_failing.store(true, Ordering::Relaxed),
             }
-            BatchOutcome::Failed => appends_failing.store(true, Ordering::Relaxed),
+        }
+        if let Some(reply) = take_over {
+            let outcome = take_log_over(log.as_ref(), &keys, &state);
+            if outcome.is_ok() {
+                appends_failing.store(false, Ordering::Relaxed);
+            }
+            let _ = reply.send(outcome);
         }
     }
     tracing::info!("writer stopped");
+}
+
+/// Fences the log's previous writer, rebuilds the state from everything it committed, and
+/// only then lets appends through. Runs on the writer thread between batches, so no batch can
+/// be planned against the state being replaced.
+fn take_log_over(
+    log: &dyn EventLog,
+    keys: &KeyStore,
+    state: &RwLock<WriterState>,
+) -> anyhow::Result<()> {
+    log.begin_ownership()?;
+    let rebuilt = crate::node::rebuild_writer_state(log, keys)?;
+    let charts = rebuilt.chart_count();
+    *state.write().expect("writer state lock is not poisoned") = rebuilt;
+    log.complete_ownership();
+    tracing::info!(charts, "writer state rebuilt from the log");
+    Ok(())
 }
 
 struct Accepted {
@@ -259,7 +316,7 @@ enum BatchOutcome {
 
 /// Plans, seals and appends one batch.
 fn process_batch(
-    batch: &mut Vec<Request>,
+    batch: &mut Vec<CommandRequest>,
     log: &dyn EventLog,
     keys: &KeyStore,
     state: &RwLock<WriterState>,

@@ -1101,6 +1101,7 @@ async fn start_refuses_a_log_that_lost_entries() {
         data_dir: dir.path().to_path_buf(),
         kek_file: None,
         kafka: None,
+        url: None,
     };
     let error = chartlog::node::Node::open(&config)
         .await

@@ -185,6 +185,7 @@ fn verify(
         data_dir: data.to_path_buf(),
         kek_file: key_file,
         kafka: None,
+        url: None,
     };
     let report = match backend {
         "embedded" => {
@@ -231,6 +232,7 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
         data_dir: data.to_path_buf(),
         kek_file: None,
         kafka: None,
+        url: None,
     };
     let runtime = runtime()?;
     let settings = kafka_settings()?;
@@ -290,6 +292,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
         data_dir: data.to_path_buf(),
         kek_file: key_file,
         kafka: None,
+        url: None,
     };
     let runtime = runtime()?;
     let log: Box<dyn EventLog> = match backend {

@@ -14,7 +14,7 @@ const CHART_EVENTS: usize = 6;
 fn write_sample_log(dir: &Path) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let config = NodeConfig { data_dir: dir.to_path_buf(), kek_file: None, kafka: None };
+        let config = NodeConfig { data_dir: dir.to_path_buf(), kek_file: None, kafka: None, url: None };
         let node = Node::open(&config).await.unwrap();
         let record = |resource_type: &str, id: &str, body: serde_json::Value| Operation::Record {
             resource_type: resource_type.into(),

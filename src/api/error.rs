@@ -190,6 +190,18 @@ impl ApiError {
         error
     }
 
+    /// 307 to the node that owns the log; the caller sets `Location`.
+    pub fn redirect() -> ApiError {
+        let mut error = Self::single(
+            StatusCode::TEMPORARY_REDIRECT,
+            "transient",
+            None,
+            "this node stands by; the node that writes the log serves this request at the address in Location",
+        );
+        error.issues[0].severity = "information";
+        error
+    }
+
     /// 500; the detail goes to the log only.
     pub fn internal(context: &'static str, detail: &dyn std::fmt::Display) -> ApiError {
         tracing::error!(error = %detail, context, "internal error");

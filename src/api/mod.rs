@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use crate::auth::{Action, Authenticator, Principal};
 use crate::crypto::KeyStore;
 use crate::journal::AccessJournal;
+use crate::log::ownership::Role;
 use crate::log::{EventLog, LogPosition};
 use crate::node::Node;
 use crate::projector::ProjectorStatus;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub authenticator: Arc<Authenticator>,
     /// Base URL of the FHIR endpoint as clients reach it, for fullUrl and Location.
     pub base_url: Arc<str>,
+    /// On Kafka, whether this node owns the log or stands by; `None` on the embedded log.
+    pub role: Option<watch::Receiver<Role>>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             access_journal: node.access_journal.clone(),
             authenticator,
             base_url: base_url.trim_end_matches('/').into(),
+            role: node.role.clone(),
         }
     }
 
@@ -196,7 +200,11 @@ pub fn app(state: AppState) -> Router {
             "/{resource_type}/{id}/{operation}",
             get(rest::patient_compartment),
         )
-        .route("/{resource_type}/{id}/_history/{version}", get(rest::vread));
+        .route("/{resource_type}/{id}/_history/{version}", get(rest::vread))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            route_to_owner,
+        ));
 
     Router::new()
         .nest("/fhir", fhir)
@@ -224,6 +232,52 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Sends every FHIR request but `metadata` to the node that owns the Kafka log: a standby
+/// that knows the owner answers 307 to the owner's URL (the method and body go with a 307).
+/// Every read appends its access event, so reads go to the owner too. While no owner is known
+/// (the group is deciding, or the broker is away), the node serves requests itself: its writes
+/// answer 503, and its reads are served with their accesses journaled.
+async fn route_to_owner(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+
+    let Some(role) = &state.role else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/metadata" {
+        return next.run(request).await;
+    }
+    let owner_url = match &*role.borrow() {
+        Role::Standby {
+            owner_url: Some(owner_url),
+        } => Some(owner_url.clone()),
+        _ => None,
+    };
+    let Some(owner_url) = owner_url else {
+        return next.run(request).await;
+    };
+    // Inside the nested router the path no longer has the `/fhir` prefix, which the owner's
+    // base URL carries instead.
+    let tail = request
+        .uri()
+        .path_and_query()
+        .map_or("", |path| path.as_str());
+    let location = format!("{}{tail}", owner_url.trim_end_matches('/'));
+    match axum::http::HeaderValue::from_str(&location) {
+        Ok(value) => {
+            let mut response = ApiError::redirect().into_response();
+            response
+                .headers_mut()
+                .insert(axum::http::header::LOCATION, value);
+            response
+        }
+        Err(_) => ApiError::unavailable("the owner of the log has an unusable URL").into_response(),
+    }
+}
+
 async fn health(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> axum::response::Response {
@@ -232,16 +286,30 @@ async fn health(
     let status = state.projector.borrow().clone();
     let log_end = *state.log.end_position().borrow();
     let lag = log_end.0.saturating_sub(status.applied);
+    let role = state.role.as_ref().map(|role| role.borrow().clone());
     let writer_healthy = state.writer.is_healthy();
+    let accepting = writer_healthy && matches!(role, None | Some(Role::Owner));
     let journaled = *state.access_journal.pending().borrow();
-    let (code, node_state) = if status.halted.is_some() || !writer_healthy || journaled > 0 {
+    // A standby is healthy: it follows the log and sends clients to the owner.
+    let (code, node_state) = if status.halted.is_some()
+        || !writer_healthy
+        || journaled > 0
+        || role == Some(Role::Undecided)
+    {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
     } else {
         (axum::http::StatusCode::OK, "ok")
     };
+    let ownership = match &role {
+        None => serde_json::Value::Null,
+        Some(Role::Standby { owner_url }) => {
+            serde_json::json!({"role": "standby", "owner_url": owner_url})
+        }
+        Some(role) => serde_json::json!({"role": role.name()}),
+    };
     let body = serde_json::json!({
         "status": node_state,
-        "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": writer_healthy},
+        "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": accepting, "ownership": ownership},
         "access_journal": {"pending": journaled},
         "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
     });
@@ -299,6 +367,18 @@ async fn metrics(
         "1 when the writer runs and its last append succeeded.",
         "",
         u64::from(state.writer.is_healthy()),
+    );
+    metric(
+        "gauge",
+        "chartlog_log_owner",
+        "1 when this node writes the log: always on the embedded log; on Kafka, while the owner group assigns it the partition.",
+        "",
+        u64::from(
+            state
+                .role
+                .as_ref()
+                .is_none_or(|role| *role.borrow() == Role::Owner),
+        ),
     );
     metric(
         "gauge",

@@ -229,6 +229,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         data_dir: scratch.path().join("node"),
         kek_file: None,
         kafka: kafka.clone(),
+        url: Some("http://127.0.0.1/fhir".to_owned()),
     };
     let node = Node::open(&config).await?;
     let key_dir = config.key_paths().dir;

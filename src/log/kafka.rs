@@ -2,13 +2,14 @@
 //! stores, so a deployment can move between the two by replaying.
 //!
 //! Appends are Kafka transactions of an idempotent producer with `acks=all`. The producer's
-//! `transactional.id` is derived from the topic and partition, so a second node that starts
-//! writing the same partition fences the first at the broker: the first node's next commit
-//! fails instead of interleaving with the second's. Reads use `read_committed`, so aborted
-//! appends are never seen.
+//! `transactional.id` is derived from the topic and partition, so a node that takes the
+//! partition over fences the previous writer at the broker: the previous writer's next commit
+//! fails instead of interleaving with the new one's. Which node writes is decided by a
+//! consumer group (see [`super::ownership`]); a node appends only between taking the partition
+//! over and losing it. Reads use `read_committed`, so aborted appends are never seen.
 //!
-//! NOTE: the topic has one partition, written by one node at a time. Charts spread over many
-//! partitions, each owned by one node through a consumer group, are not built yet.
+//! NOTE: the topic has one partition, so one node writes every chart. Charts spread over many
+//! partitions, each owned by a different node, are not built yet.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +124,7 @@ impl KafkaConfig {
         Some(config)
     }
 
-    fn client_config(&self) -> ClientConfig {
+    pub(crate) fn client_config(&self) -> ClientConfig {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &self.bootstrap_servers);
         for (name, value) in &self.properties {
@@ -165,11 +166,12 @@ pub struct KafkaLog {
     producer: Mutex<Option<FutureProducer>>,
     reader: Mutex<Reader>,
     end: watch::Sender<LogPosition>,
-    /// Position after this node's last committed record, or the end of the topic at start-up.
+    /// Position after this node's last committed record, or the end of the topic when it took
+    /// the partition over.
     committed_end: Mutex<LogPosition>,
-    /// Set once a newer writer fenced this node or wrote behind its back; no append succeeds
-    /// after that.
-    fenced: AtomicBool,
+    /// Whether appends are let through: set once a take-over completed, cleared when the
+    /// partition is released or a newer writer fenced this node or wrote behind its back.
+    owner: AtomicBool,
     read_only: bool,
 }
 
@@ -209,23 +211,31 @@ fn client_error(action: &'static str) -> impl FnOnce(KafkaError) -> KafkaOpenErr
 
 impl KafkaLog {
     /// Connects, creates the topic when it is missing (unlimited retention, no compaction) or
-    /// checks an existing one, and prepares the transactional producer, which fences any
-    /// earlier writer of the partition.
+    /// checks an existing one, and takes the partition over at once, which fences any earlier
+    /// writer. For tools that write a log of their own, such as `chartlog-replay copy`; a node
+    /// uses [`KafkaLog::open_unowned`] and lets its consumer group decide.
     ///
     /// # Errors
     ///
     /// [`KafkaOpenError`] when the cluster cannot be reached or the topic's retention is
     /// limited.
     pub async fn open(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
-        ensure_topic(&config).await?;
-        let log = Self::connect(config, false).await?;
-        // Fence any earlier writer now, rather than at the first append. The call blocks, so
-        // it runs off the async runtime.
+        let log = Self::open_unowned(config).await?;
+        // The calls block, so they run off the async runtime.
         tokio::task::spawn_blocking(move || {
-            let producer = log
-                .new_producer()
-                .map_err(client_error("producer initialization"))?;
-            *log.producer.lock().expect("producer lock is not poisoned") = Some(producer);
+            log.begin_ownership()
+                .map_err(|error| KafkaOpenError::Client {
+                    action: "producer initialization",
+                    source: match error {
+                        AppendError::Unavailable(source) | AppendError::Storage(source) => {
+                            match source.downcast::<KafkaError>() {
+                                Ok(kafka) => *kafka,
+                                Err(_) => KafkaError::Canceled,
+                            }
+                        }
+                    },
+                })?;
+            log.complete_ownership();
             Ok(log)
         })
         .await
@@ -233,6 +243,17 @@ impl KafkaLog {
             action: "start-up",
             source: KafkaError::Canceled,
         })?
+    }
+
+    /// Connects and creates or checks the topic like [`KafkaLog::open`], but refuses appends
+    /// until [`EventLog::begin_ownership`] and [`EventLog::complete_ownership`] have run.
+    ///
+    /// # Errors
+    ///
+    /// As [`KafkaLog::open`].
+    pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
+        ensure_topic(&config).await?;
+        Self::connect(config, false).await
     }
 
     /// Connects for reading only: no topic changes and no producer, so a verifier or a copy
@@ -264,7 +285,7 @@ impl KafkaLog {
                     cursor: None,
                 }),
                 committed_end: Mutex::new(end_of_topic),
-                fenced: AtomicBool::new(false),
+                owner: AtomicBool::new(false),
                 end,
                 config,
                 read_only,
@@ -288,6 +309,16 @@ impl KafkaLog {
 
     fn transactional_id(&self) -> String {
         format!("chartlog-{}-{PARTITION}", self.config.topic)
+    }
+
+    /// Returns the topic's name.
+    pub fn topic(&self) -> &str {
+        &self.config.topic
+    }
+
+    /// Returns the partition this log reads and writes.
+    pub fn partition(&self) -> i32 {
+        PARTITION
     }
 
     fn new_producer(&self) -> Result<FutureProducer, KafkaError> {
@@ -440,23 +471,24 @@ impl EventLog for KafkaLog {
                 "the kafka log was opened for reading only".into(),
             ));
         }
-        if self.fenced.load(Ordering::SeqCst) {
+        if !self.owner.load(Ordering::SeqCst) {
             return Err(AppendError::Unavailable(
-                "this node was fenced by a newer writer of the partition; restart it to rebuild its state from the log".into(),
+                "this node does not hold the partition: another node writes it, or this node was fenced and has not taken it back yet".into(),
             ));
         }
         let mut slot = self.producer.lock().expect("producer lock is not poisoned");
         if slot.is_none() {
-            // Taking the transactional id back fences the producer that has it now. That is safe only
-            // if nobody else wrote since this node's last commit: otherwise this node's chart
-            // heads are stale, and writing would fork a chain.
+            // Taking the transactional id back fences the producer that has it now. That is
+            // safe only if nobody else wrote since this node's last commit: otherwise this
+            // node's chart heads are stale, and writing would fork a chain. The partition is
+            // then taken over again only after the state is rebuilt.
             if self
                 .has_foreign_records()
                 .map_err(|error| AppendError::Unavailable(error.into()))?
             {
-                self.fenced.store(true, Ordering::SeqCst);
+                self.owner.store(false, Ordering::SeqCst);
                 return Err(AppendError::Unavailable(
-                    "another node wrote to the partition; restart this node to rebuild its state from the log".into(),
+                    "another node wrote to the partition; this node rebuilds its state before writing again".into(),
                 ));
             }
             let producer = self
@@ -493,9 +525,10 @@ impl EventLog for KafkaLog {
                     || matches!(&error, KafkaError::Transaction(transaction) if transaction.is_fatal());
                 if fatal {
                     // Fenced by a newer writer (or otherwise unusable for good): this node's
-                    // state may be stale from now on, so it stops writing until a restart.
+                    // state may be stale from now on, so it stops writing until it has taken
+                    // the partition over again, state rebuilt.
                     tracing::error!(error = %error, "kafka producer fenced; this node stops writing");
-                    self.fenced.store(true, Ordering::SeqCst);
+                    self.owner.store(false, Ordering::SeqCst);
                     *slot = None;
                 } else if producer.abort_transaction(APPEND_TIMEOUT).is_err() {
                     // An aborted transaction leaves nothing visible to read_committed readers.
@@ -575,6 +608,49 @@ impl EventLog for KafkaLog {
 
     fn backend_name(&self) -> &'static str {
         "kafka"
+    }
+
+    fn begin_ownership(&self) -> Result<(), AppendError> {
+        if self.read_only {
+            return Err(AppendError::Unavailable(
+                "the kafka log was opened for reading only".into(),
+            ));
+        }
+        self.owner.store(false, Ordering::SeqCst);
+        let mut slot = self.producer.lock().expect("producer lock is not poisoned");
+        // Initializing the transactional id fences the previous holder and aborts its open
+        // transaction, so the end read afterwards includes every record it committed.
+        *slot = None;
+        let producer = self
+            .new_producer()
+            .map_err(|error| AppendError::Unavailable(error.into()))?;
+        let consumer = reader_consumer(&self.config)
+            .map_err(|error| AppendError::Unavailable(error.into()))?;
+        let (_, high) = consumer
+            .fetch_watermarks(&self.config.topic, PARTITION, APPEND_TIMEOUT)
+            .map_err(|error| AppendError::Unavailable(error.into()))?;
+        let end = LogPosition(high.max(0) as u64);
+        *self
+            .committed_end
+            .lock()
+            .expect("committed end lock is not poisoned") = end;
+        *slot = Some(producer);
+        if end > *self.end.borrow() {
+            self.end.send_replace(end);
+        }
+        Ok(())
+    }
+
+    fn complete_ownership(&self) {
+        self.owner.store(true, Ordering::SeqCst);
+    }
+
+    fn release_ownership(&self) {
+        self.owner.store(false, Ordering::SeqCst);
+    }
+
+    fn is_owner(&self) -> bool {
+        self.owner.load(Ordering::SeqCst)
     }
 
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {

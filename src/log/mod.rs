@@ -9,6 +9,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod ownership;
 
 use chartlog_schemas::Envelope;
 use tokio::sync::watch;
@@ -93,5 +94,30 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`ReadError`] when the position cannot be determined.
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
         Ok(from)
+    }
+
+    /// Starts taking over the log from its previous writer: on Kafka, initializes the
+    /// partition's transactional id, which fences the previous holder and aborts its open
+    /// transaction. Appends stay refused until [`EventLog::complete_ownership`], so the caller
+    /// can first rebuild its state from everything committed before. The embedded log has one
+    /// writer by construction and does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`AppendError`] when the log cannot be reached.
+    fn begin_ownership(&self) -> Result<(), AppendError> {
+        Ok(())
+    }
+
+    /// Lets appends through after [`EventLog::begin_ownership`].
+    fn complete_ownership(&self) {}
+
+    /// Refuses appends from now on, because another node is taking the log over.
+    fn release_ownership(&self) {}
+
+    /// Returns whether appends are let through: always on the embedded log; on Kafka, between
+    /// a completed take-over and its release or fencing.
+    fn is_owner(&self) -> bool {
+        true
     }
 }

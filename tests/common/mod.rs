@@ -86,6 +86,22 @@ impl EventLog for ControlledLog {
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
         self.inner.resume_position(from)
     }
+
+    fn begin_ownership(&self) -> Result<(), AppendError> {
+        self.inner.begin_ownership()
+    }
+
+    fn complete_ownership(&self) {
+        self.inner.complete_ownership()
+    }
+
+    fn release_ownership(&self) {
+        self.inner.release_ownership()
+    }
+
+    fn is_owner(&self) -> bool {
+        self.inner.is_owner()
+    }
 }
 
 /// A running node and its router.
@@ -111,10 +127,20 @@ impl TestNode {
         dir: tempfile::TempDir,
         kafka: Option<chartlog::log::KafkaConfig>,
     ) -> TestNode {
+        Self::start_at(dir, kafka, BASE).await
+    }
+
+    /// Starts a node like [`TestNode::start_in`] that tells clients it is reached at `url`.
+    pub async fn start_at(
+        dir: tempfile::TempDir,
+        kafka: Option<chartlog::log::KafkaConfig>,
+        url: &str,
+    ) -> TestNode {
         let config = NodeConfig {
             data_dir: dir.path().to_path_buf(),
             kek_file: None,
             kafka: kafka.clone(),
+            url: Some(url.to_owned()),
         };
         let mut controlled = None;
         let node = Node::open_with(&config, |inner| {
@@ -139,7 +165,7 @@ impl TestNode {
             jwks_url: None,
         }])
         .unwrap();
-        let state = AppState::new(&node, Arc::new(authenticator), BASE);
+        let state = AppState::new(&node, Arc::new(authenticator), url);
         TestNode {
             app: api::app(state),
             node,

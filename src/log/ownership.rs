@@ -1,0 +1,436 @@
+//! Which node writes the Kafka log: the members of one consumer group, and the node the group
+//! assigns the partition to.
+//!
+//! Every node joins the group `chartlog-owners.TOPIC` and subscribes to the event topic. It
+//! never reads records through this consumer, because only the assignment matters: the
+//! assigned partition is paused at once. The node that is assigned the partition takes the log over: its
+//! writer initializes the partition's transactional id (fencing the previous owner at the
+//! broker), rebuilds its state from everything committed, and only then appends. Every other
+//! node is a standby: its projector follows the log, and its HTTP handlers redirect clients to
+//! the owner, whose URL each member publishes as its Kafka `client.id`.
+//!
+//! Members are static (`group.instance.id` from the node's id file), so a restarted node gets
+//! its partition back at once instead of after a rebalance. The price: a node that stops for
+//! good hands over only once its session times out. The assignment is cooperative and sticky,
+//! so a joining standby leaves the partition where it is.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use tokio::sync::watch;
+
+use super::kafka::{KafkaConfig, KafkaOpenError};
+use super::EventLog;
+use crate::writer::WeakWriter;
+
+/// Session timeout of a member unless `session.timeout.ms` is configured: how long a stopped
+/// owner keeps the partition before a standby takes over. The broker's lower bound is 6 s by
+/// default.
+const DEFAULT_SESSION_TIMEOUT_MS: &str = "10000";
+
+/// How often the group is polled and, on a standby, the owner looked up.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long a standby waits between lookups of the owner's URL.
+const LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long an assigned node waits before trying again to take the log over after a failure.
+const RETRY_TAKE_OVER: Duration = Duration::from_secs(1);
+
+/// A node's role for the Kafka log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The group has not assigned the partition yet, or this node is taking it over.
+    Undecided,
+    /// This node writes the log.
+    Owner,
+    /// Another node writes the log; its URL, once known.
+    Standby {
+        /// Base URL of the owner's FHIR endpoint.
+        owner_url: Option<String>,
+    },
+}
+
+impl Role {
+    /// Returns the role's name for health reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Undecided => "undecided",
+            Role::Owner => "owner",
+            Role::Standby { .. } => "standby",
+        }
+    }
+}
+
+/// The group membership of a node, run by a thread of its own.
+pub struct Ownership {
+    role: watch::Receiver<Role>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Assignment state, set by the rebalance callbacks and read by the membership thread.
+#[derive(Default)]
+struct Assignment {
+    /// Whether this member is assigned the partition; `None` before the first assignment.
+    has_partition: Option<bool>,
+}
+
+struct OwnerContext {
+    topic: String,
+    partition: i32,
+    log: Arc<dyn EventLog>,
+    assignment: Mutex<Assignment>,
+}
+
+impl ClientContext for OwnerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka group membership error");
+    }
+}
+
+impl ConsumerContext for OwnerContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // With the cooperative protocol a revocation lists only the partitions taken away.
+        if let Rebalance::Revoke(partitions) = rebalance {
+            if partitions
+                .find_partition(&self.topic, self.partition)
+                .is_some()
+            {
+                // Stop appending before the partition goes to another node; that node fences
+                // this one anyway, so this only spares appends that would fail.
+                self.log.release_ownership();
+                self.assignment
+                    .lock()
+                    .expect("assignment lock is not poisoned")
+                    .has_partition = Some(false);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            // Records are read by the projector, not here.
+            if partitions.count() > 0 {
+                if let Err(error) = consumer.pause(partitions) {
+                    tracing::warn!(error = %error, "pausing the group consumer failed");
+                }
+            }
+            // With the cooperative protocol an assignment lists only the partitions added, so
+            // one without ours changes nothing once this member has it.
+            let added = partitions
+                .find_partition(&self.topic, self.partition)
+                .is_some();
+            let mut assignment = self
+                .assignment
+                .lock()
+                .expect("assignment lock is not poisoned");
+            if added {
+                assignment.has_partition = Some(true);
+            } else if assignment.has_partition.is_none() {
+                assignment.has_partition = Some(false);
+            }
+        }
+    }
+}
+
+impl Ownership {
+    /// Joins the group and starts the membership thread. `node_id` names this node across
+    /// restarts; `url` is the base URL clients are redirected to while this node owns the
+    /// log.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaOpenError`] when the consumer cannot be created or subscribed.
+    pub fn start(
+        config: &KafkaConfig,
+        partition: i32,
+        node_id: &str,
+        url: &str,
+        log: Arc<dyn EventLog>,
+        writer: WeakWriter,
+    ) -> Result<Ownership, KafkaOpenError> {
+        let group = group_name(&config.topic);
+        let mut client = config.client_config();
+        client
+            .set("group.id", &group)
+            .set("group.instance.id", format!("chartlog-{node_id}"))
+            .set("client.id", url)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            // Sticky: a node joining the group leaves the partition with its owner instead of
+            // moving it, so adding a standby never interrupts writes.
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        if !config.properties.contains_key("session.timeout.ms") {
+            client.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
+        }
+        let context = OwnerContext {
+            topic: config.topic.clone(),
+            partition,
+            log: log.clone(),
+            assignment: Mutex::new(Assignment::default()),
+        };
+        let consumer: BaseConsumer<OwnerContext> =
+            client
+                .create_with_context(context)
+                .map_err(|source| KafkaOpenError::Client {
+                    action: "group consumer creation",
+                    source,
+                })?;
+        consumer
+            .subscribe(&[&config.topic])
+            .map_err(|source| KafkaOpenError::Client {
+                action: "group subscription",
+                source,
+            })?;
+        let (role_sender, role) = watch::channel(Role::Undecided);
+        let stop = Arc::new(AtomicBool::new(false));
+        let member = Member {
+            consumer,
+            group,
+            topic: config.topic.clone(),
+            partition,
+            log,
+            writer,
+            role: role_sender,
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("chartlog-ownership".into())
+            .spawn(move || member.run())
+            .map_err(|_| KafkaOpenError::Client {
+                action: "group thread start",
+                source: KafkaError::Canceled,
+            })?;
+        Ok(Ownership {
+            role,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Returns a receiver of this node's role.
+    pub fn role(&self) -> watch::Receiver<Role> {
+        self.role.clone()
+    }
+
+    /// Leaves the group's poll loop and closes the consumer. Blocks; call it off the async
+    /// runtime.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Ownership {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Returns the consumer group whose assignment decides the owner of `topic`.
+pub fn group_name(topic: &str) -> String {
+    format!("chartlog-owners.{topic}")
+}
+
+struct Member {
+    consumer: BaseConsumer<OwnerContext>,
+    group: String,
+    topic: String,
+    partition: i32,
+    log: Arc<dyn EventLog>,
+    writer: WeakWriter,
+    role: watch::Sender<Role>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Member {
+    fn run(self) {
+        let mut last_lookup: Option<Instant> = None;
+        let mut last_attempt: Option<Instant> = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            // Records of paused partitions never arrive; the poll serves the group's events.
+            let _ = self.consumer.poll(POLL_INTERVAL);
+            let has_partition = self
+                .consumer
+                .context()
+                .assignment
+                .lock()
+                .expect("assignment lock is not poisoned")
+                .has_partition;
+            match has_partition {
+                None => {}
+                Some(true) if self.log.is_owner() => {
+                    self.role.send_if_modified(|role| set(role, Role::Owner));
+                }
+                Some(true) => {
+                    let due = last_attempt.is_none_or(|at| at.elapsed() >= RETRY_TAKE_OVER);
+                    if due {
+                        last_attempt = Some(Instant::now());
+                        self.role
+                            .send_if_modified(|role| set(role, Role::Undecided));
+                        self.take_over();
+                    }
+                }
+                Some(false) => {
+                    last_attempt = None;
+                    let due = last_lookup.is_none_or(|at| at.elapsed() >= LOOKUP_INTERVAL)
+                        || !matches!(*self.role.borrow(), Role::Standby { .. });
+                    if due {
+                        last_lookup = Some(Instant::now());
+                        let owner_url = self.lookup_owner();
+                        self.role
+                            .send_if_modified(|role| set(role, Role::Standby { owner_url }));
+                    }
+                }
+            }
+        }
+        // Leaving: refuse appends before the consumer closes and the partition moves on.
+        self.log.release_ownership();
+        self.consumer.unsubscribe();
+        tracing::info!("left the kafka owner group");
+    }
+
+    /// Has the writer take the log over; the writer rebuilds its state between fencing the
+    /// previous owner and its first append.
+    fn take_over(&self) {
+        let Some(writer) = self.writer.upgrade() else {
+            return;
+        };
+        let started = Instant::now();
+        match writer.take_over_blocking() {
+            Ok(()) => {
+                tracing::info!(
+                    partition = self.partition,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "took the kafka log over"
+                );
+                self.role.send_if_modified(|role| set(role, Role::Owner));
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "taking the kafka log over failed; retrying");
+            }
+        }
+    }
+
+    /// Returns the URL of the member assigned the partition, from the group's description.
+    fn lookup_owner(&self) -> Option<String> {
+        let groups = match self
+            .consumer
+            .fetch_group_list(Some(&self.group), Duration::from_secs(2))
+        {
+            Ok(groups) => groups,
+            Err(error) => {
+                tracing::warn!(error = %error, "describing the kafka owner group failed");
+                return None;
+            }
+        };
+        let group = groups
+            .groups()
+            .iter()
+            .find(|group| group.name() == self.group)?;
+        group.members().iter().find_map(|member| {
+            let assignment = member.assignment()?;
+            assigned_partitions(assignment)?
+                .iter()
+                .any(|(topic, partition)| *topic == self.topic && *partition == self.partition)
+                .then(|| member.client_id().to_owned())
+        })
+    }
+}
+
+fn set(role: &mut Role, new: Role) -> bool {
+    if *role == new {
+        return false;
+    }
+    tracing::info!(role = new.name(), "kafka log role changed");
+    *role = new;
+    true
+}
+
+/// Decodes the partitions of a consumer-protocol assignment: a version (int16), an array
+/// (int32 count) of topics (int16 length and bytes), each with an array of partitions (int32),
+/// and user data, which is ignored.
+fn assigned_partitions(bytes: &[u8]) -> Option<Vec<(String, i32)>> {
+    let mut reader = Bytes(bytes);
+    let _version = reader.i16()?;
+    let topics = reader.i32()?;
+    let mut assigned = Vec::new();
+    for _ in 0..topics.max(0) {
+        let length = usize::try_from(reader.i16()?).ok()?;
+        let topic = String::from_utf8(reader.take(length)?.to_vec()).ok()?;
+        let partitions = reader.i32()?;
+        for _ in 0..partitions.max(0) {
+            assigned.push((topic.clone(), reader.i32()?));
+        }
+    }
+    Some(assigned)
+}
+
+struct Bytes<'a>(&'a [u8]);
+
+impl<'a> Bytes<'a> {
+    fn take(&mut self, length: usize) -> Option<&'a [u8]> {
+        if self.0.len() < length {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(length);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn i16(&mut self) -> Option<i16> {
+        Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn i32(&mut self) -> Option<i32> {
+        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assigned_partitions;
+
+    fn encode(topics: &[(&str, &[i32])]) -> Vec<u8> {
+        let mut bytes = 1i16.to_be_bytes().to_vec();
+        bytes.extend((topics.len() as i32).to_be_bytes());
+        for (topic, partitions) in topics {
+            bytes.extend((topic.len() as i16).to_be_bytes());
+            bytes.extend(topic.as_bytes());
+            bytes.extend((partitions.len() as i32).to_be_bytes());
+            for partition in *partitions {
+                bytes.extend(partition.to_be_bytes());
+            }
+        }
+        // Empty user data.
+        bytes.extend((-1i32).to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn decodes_an_assignment() {
+        let bytes = encode(&[("chartlog.events", &[0]), ("other", &[3, 4])]);
+        assert_eq!(
+            assigned_partitions(&bytes).unwrap(),
+            vec![
+                ("chartlog.events".to_owned(), 0),
+                ("other".to_owned(), 3),
+                ("other".to_owned(), 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_a_truncated_assignment() {
+        let bytes = encode(&[("chartlog.events", &[0, 1])]);
+        assert_eq!(assigned_partitions(&bytes[..bytes.len() - 9]), None);
+        assert_eq!(assigned_partitions(&[]), None);
+    }
+}
