@@ -13,6 +13,9 @@
 //! - Each entry carries a command id fixed when it was journaled, so an entry submitted again
 //!   after a crash between the append and the delete takes effect once.
 //! - The event records when the data left (`served_at_micros`) beside when it was appended.
+//! - An entry that can never be recorded (it fails to decrypt, or its chart's data key is gone)
+//!   moves to the `quarantine` column family, so it does not block the entries behind it. It is
+//!   kept there for an operator to examine, and `/health` and `/metrics` count it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +38,9 @@ const DRAIN_ROUND: usize = 512;
 
 /// Delay between drain attempts while the log stays unreachable.
 const DRAIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Column family of entries that can never be recorded.
+const QUARANTINE: &str = "quarantine";
 
 /// Error from the access journal.
 #[derive(Debug, thiserror::Error)]
@@ -76,12 +82,23 @@ struct StoredEntry {
     ciphertext: Vec<u8>,
 }
 
+/// Waiting entries read for draining. No `Debug`: the accesses are health data.
+#[derive(Default)]
+pub struct OldestEntries {
+    /// Entries that opened, oldest first.
+    pub readable: Vec<(u64, PendingAccess)>,
+    /// Sequence numbers of entries that can never be opened: undecodable, failing
+    /// decryption, or encrypted under a data key that is gone.
+    pub unreadable: Vec<u64>,
+}
+
 /// The journal of one node.
 pub struct AccessJournal {
     db: rocksdb::DB,
     keys: Arc<KeyStore>,
     next_sequence: AtomicU64,
     pending: watch::Sender<u64>,
+    quarantined: watch::Sender<u64>,
     added: Notify,
 }
 
@@ -107,8 +124,9 @@ impl AccessJournal {
     pub fn open(path: &Path, keys: Arc<KeyStore>) -> Result<AccessJournal, JournalError> {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
+        options.create_missing_column_families(true);
         options.set_paranoid_checks(true);
-        let db = rocksdb::DB::open(&options, path)?;
+        let db = rocksdb::DB::open_cf(&options, path, [QUARANTINE])?;
         let mut count = 0u64;
         let mut last = None;
         for item in db.iterator(rocksdb::IteratorMode::Start) {
@@ -116,12 +134,24 @@ impl AccessJournal {
             count += 1;
             last = key.as_ref().try_into().ok().map(u64::from_be_bytes);
         }
+        let mut quarantined = 0u64;
+        let mut last_quarantined = None;
+        for item in db.iterator_cf(quarantine(&db), rocksdb::IteratorMode::Start) {
+            let (key, _) = item?;
+            quarantined += 1;
+            last_quarantined = key.as_ref().try_into().ok().map(u64::from_be_bytes);
+        }
+        // Sequence numbers are part of each entry's associated data, so a quarantined entry's
+        // number is never given to a new one.
+        let next = last.max(last_quarantined).map_or(0, |last| last + 1);
         let (pending, _) = watch::channel(count);
+        let (quarantined, _) = watch::channel(quarantined);
         Ok(AccessJournal {
             db,
             keys,
-            next_sequence: AtomicU64::new(last.map_or(0, |last| last + 1)),
+            next_sequence: AtomicU64::new(next),
             pending,
+            quarantined,
             added: Notify::new(),
         })
     }
@@ -129,6 +159,11 @@ impl AccessJournal {
     /// Returns a receiver of the number of waiting entries.
     pub fn pending(&self) -> watch::Receiver<u64> {
         self.pending.subscribe()
+    }
+
+    /// Returns a receiver of the number of quarantined entries.
+    pub fn quarantined(&self) -> watch::Receiver<u64> {
+        self.quarantined.subscribe()
     }
 
     /// Returns whether no entry is waiting.
@@ -174,36 +209,76 @@ impl AccessJournal {
         Ok(())
     }
 
-    /// Reads up to `max` waiting entries, oldest first.
+    /// Reads up to `max` waiting entries, oldest first, listing separately those that can
+    /// never be opened.
     ///
     /// # Errors
     ///
-    /// [`JournalError`] when an entry cannot be read or opened.
-    pub fn oldest(&self, max: usize) -> Result<Vec<(u64, PendingAccess)>, JournalError> {
-        let mut entries = Vec::new();
+    /// [`JournalError`] when the journal or the key store cannot be read at the moment.
+    pub fn oldest(&self, max: usize) -> Result<OldestEntries, JournalError> {
+        let mut oldest = OldestEntries::default();
         for item in self.db.iterator(rocksdb::IteratorMode::Start).take(max) {
             let (key, value) = item?;
-            let sequence = key
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| JournalError::Unreadable(0))?;
-            let unreadable = |_| JournalError::Unreadable(sequence);
-            let stored: StoredEntry = postcard::from_bytes(&value).map_err(unreadable)?;
-            let data_key = self.keys.data_key(stored.key_id)?;
-            let plaintext = crypto::decrypt(
-                &data_key,
-                &stored.ciphertext,
-                &associated_data(sequence, stored.chart_id),
-            )
-            .map_err(|_| JournalError::Unreadable(sequence))?;
-            let access: PendingAccess = postcard::from_bytes(&plaintext).map_err(unreadable)?;
-            if access.chart_id != stored.chart_id {
-                return Err(JournalError::Unreadable(sequence));
+            let Ok(sequence) = key.as_ref().try_into().map(u64::from_be_bytes) else {
+                // Every key is a big-endian sequence number; anything else was not written
+                // by this journal.
+                return Err(JournalError::Unreadable(0));
+            };
+            match self.open_entry(sequence, &value) {
+                Ok(access) => oldest.readable.push((sequence, access)),
+                Err(JournalError::Unreadable(_))
+                | Err(JournalError::Keys(
+                    crypto::KeyStoreError::MissingDataKey(_)
+                    | crypto::KeyStoreError::Corrupt(_)
+                    | crypto::KeyStoreError::Unwrap(..),
+                )) => oldest.unreadable.push(sequence),
+                Err(error) => return Err(error),
             }
-            entries.push((sequence, access));
         }
-        Ok(entries)
+        Ok(oldest)
+    }
+
+    fn open_entry(&self, sequence: u64, value: &[u8]) -> Result<PendingAccess, JournalError> {
+        let unreadable = |_| JournalError::Unreadable(sequence);
+        let stored: StoredEntry = postcard::from_bytes(value).map_err(unreadable)?;
+        let data_key = self.keys.data_key(stored.key_id)?;
+        let plaintext = crypto::decrypt(
+            &data_key,
+            &stored.ciphertext,
+            &associated_data(sequence, stored.chart_id),
+        )
+        .map_err(|_| JournalError::Unreadable(sequence))?;
+        let access: PendingAccess = postcard::from_bytes(&plaintext).map_err(unreadable)?;
+        if access.chart_id != stored.chart_id {
+            return Err(JournalError::Unreadable(sequence));
+        }
+        Ok(access)
+    }
+
+    /// Moves entries that can never be recorded into the quarantine column family, in one
+    /// synced write.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Storage`] when the write fails; the entries stay where they were.
+    pub fn quarantine(&self, sequences: &[u64]) -> Result<(), JournalError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut moved = 0u64;
+        for sequence in sequences {
+            let key = sequence.to_be_bytes();
+            if let Some(value) = self.db.get(key)? {
+                batch.put_cf(quarantine(&self.db), key, value);
+                batch.delete(key);
+                moved += 1;
+            }
+        }
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        self.pending
+            .send_modify(|pending| *pending = pending.saturating_sub(moved));
+        self.quarantined.send_modify(|count| *count += moved);
+        Ok(())
     }
 
     /// Deletes entries whose events are durable on the log.
@@ -226,6 +301,11 @@ impl AccessJournal {
     }
 }
 
+fn quarantine(db: &rocksdb::DB) -> &rocksdb::ColumnFamily {
+    db.cf_handle(QUARANTINE)
+        .expect("the journal is opened with its quarantine column family")
+}
+
 impl PendingAccess {
     /// Returns the command that records this access on the log.
     pub fn command(&self) -> Command {
@@ -245,10 +325,10 @@ impl PendingAccess {
 /// Submits one round of waiting entries and deletes those now on the log. Returns how many
 /// were recorded and whether any entry stays for a later round.
 async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, bool) {
-    let entries = {
+    let oldest = {
         let journal = journal.clone();
         match tokio::task::spawn_blocking(move || journal.oldest(DRAIN_ROUND)).await {
-            Ok(Ok(entries)) => entries,
+            Ok(Ok(oldest)) => oldest,
             Ok(Err(error)) => {
                 tracing::error!(error = %error, "access journal unreadable; entries stay");
                 return (0, true);
@@ -259,6 +339,28 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
             }
         }
     };
+    if !oldest.unreadable.is_empty() {
+        // An access that can never be recorded must not hold back the ones behind it.
+        for sequence in &oldest.unreadable {
+            tracing::error!(
+                entry = sequence,
+                "journaled access cannot be opened (altered, or its chart's data key is gone); moving it to quarantine"
+            );
+        }
+        let journal_ref = journal.clone();
+        let unreadable = oldest.unreadable;
+        let moved = tokio::task::spawn_blocking(move || journal_ref.quarantine(&unreadable)).await;
+        let failure = match moved {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(error.to_string()),
+        };
+        if let Some(error) = failure {
+            tracing::error!(error, "quarantining journaled accesses failed; they stay");
+            return (0, true);
+        }
+    }
+    let entries = oldest.readable;
     if entries.is_empty() {
         return (0, false);
     }

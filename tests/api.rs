@@ -523,6 +523,64 @@ async fn journaled_access_survives_restart_once() {
     assert_eq!(node.log_end(), before + 1, "the access was recorded twice");
 }
 
+#[tokio::test]
+async fn unreadable_journal_entry_is_quarantined() {
+    let node = TestNode::start().await;
+    let kept = node.create(&patient("Kept", "Entry", "1970-02-02")).await;
+    let (altered, _) = read_while_log_fails(&node, "Altered").await;
+    let reply = node.get(&format!("/fhir/Patient/{kept}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let (dir, kafka) = node.stop().await;
+
+    // Flip the last byte of the oldest entry, the altered patient's access: its ciphertext no
+    // longer authenticates.
+    {
+        let path = dir.path().join("access-journal");
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["quarantine"]).unwrap();
+        let key = 0u64.to_be_bytes();
+        let mut value = db.get(key).unwrap().expect("the first access is journaled");
+        *value.last_mut().unwrap() ^= 0x01;
+        db.put(key, value).unwrap();
+    }
+
+    let node = TestNode::start_in(dir, kafka).await;
+    wait_for_empty_journal(&node).await;
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(
+        health.json["access_journal"]["quarantined"], 1,
+        "{}",
+        health.text
+    );
+    assert_eq!(health.json["status"], "ok", "{}", health.text);
+    let metrics = node.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert!(
+        metrics
+            .text
+            .contains("chartlog_access_journal_quarantined 1\n"),
+        "{}",
+        metrics.text
+    );
+    let trail = node.access_log(&kept).await;
+    assert_eq!(TestNode::served_during_outage(&trail), 1, "{}", trail.text);
+    let trail = node.access_log(&altered).await;
+    assert_eq!(TestNode::served_during_outage(&trail), 0, "{}", trail.text);
+
+    // The quarantined entry stays aside, and is not submitted, after a restart.
+    let (dir, kafka) = node.stop().await;
+    let node = TestNode::start_in(dir, kafka).await;
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(
+        health.json["access_journal"]["quarantined"], 1,
+        "{}",
+        health.text
+    );
+    assert_eq!(
+        health.json["access_journal"]["pending"], 0,
+        "{}",
+        health.text
+    );
+}
+
 fn transaction_bundle(patient_url: &str, fail_last: bool) -> Value {
     let mut entries = vec![
         json!({"fullUrl": patient_url, "resource": patient("Tx", "Person", "1988-08-08"), "request": {"method": "POST", "url": "Patient"}}),

@@ -310,7 +310,7 @@ async fn health(
     let body = serde_json::json!({
         "status": node_state,
         "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": accepting, "ownership": ownership},
-        "access_journal": {"pending": journaled},
+        "access_journal": {"pending": journaled, "quarantined": *state.access_journal.quarantined().borrow()},
         "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
     });
     (code, axum::Json(body)).into_response()
@@ -386,6 +386,13 @@ async fn metrics(
         "Accesses of reads served while the log was unreachable, waiting to be recorded on it.",
         "",
         *state.access_journal.pending().borrow(),
+    );
+    metric(
+        "gauge",
+        "chartlog_access_journal_quarantined",
+        "Journaled accesses that can never be recorded on the log (altered, or their chart's data key is gone), kept aside for an operator.",
+        "",
+        *state.access_journal.quarantined().borrow(),
     );
     let counters = state.writer.append_counters();
     metric(
