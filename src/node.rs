@@ -18,6 +18,7 @@ use crate::command::WriterState;
 use crate::crypto::keystore::KeyPaths;
 use crate::crypto::KeyStore;
 use crate::journal::{self, AccessJournal};
+use crate::log::key_topic::KeyTopic;
 use crate::log::ownership::{Ownership, Role};
 use crate::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use crate::projector::{self, ProjectorStatus};
@@ -244,11 +245,17 @@ impl Node {
                     (wrap(Arc::new(log)), Some(heads), None)
                 }
                 Some(kafka) => {
-                    let log = KafkaLog::open_unowned(kafka.clone())
+                    let key_topic = KeyTopic::open(kafka, true)
                         .await
-                        .with_context(|| {
-                            format!("cannot open the Kafka log on topic {}", kafka.topic)
-                        })?;
+                        .with_context(|| format!("cannot open the key topic of {}", kafka.topic))?;
+                    keys.set_source(key_topic.clone());
+                    let mut log =
+                        KafkaLog::open_unowned(kafka.clone())
+                            .await
+                            .with_context(|| {
+                                format!("cannot open the Kafka log on topic {}", kafka.topic)
+                            })?;
+                    log.attach_keys(keys.clone(), key_topic);
                     tracing::info!(topic = %kafka.topic, "using the kafka log");
                     let partition = log.partition();
                     (wrap(Arc::new(log)), None, Some(partition))

@@ -47,6 +47,18 @@ pub enum ProjectError {
     Projection(#[from] chartlog_projections::ProjectionError),
 }
 
+impl ProjectError {
+    /// Returns whether retrying may succeed without anyone acting: the log or the source of
+    /// shared data keys could not be read for now.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProjectError::Read(_) => true,
+            ProjectError::Key { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 /// State the projector publishes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProjectorStatus {
@@ -180,7 +192,7 @@ pub fn start(
                     continue;
                 }
                 Ok(Ok(None)) => {}
-                Ok(Err(ProjectError::Read(error))) => {
+                Ok(Err(error)) if error.is_transient() => {
                     // The log is unreachable for now (a Kafka outage): retry with a bounded
                     // back-off instead of halting, and serve what is projected meanwhile.
                     read_failures += 1;

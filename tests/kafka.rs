@@ -169,6 +169,18 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Copies the files of a key directory (the key-encryption key, the signing key and the
+/// trusted signers) but not its data key database.
+fn copy_key_files(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
 fn replay(arguments: &[&str], data: &std::path::Path, topic: &str) -> (bool, String) {
     let bootstrap = common::test_kafka_config().unwrap().bootstrap_servers;
     // The binary belongs to another package of the workspace, built beside this test's.
@@ -297,9 +309,10 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         .await;
     let (first_dir, _) = first.stop().await;
 
-    // The nodes share a key store, as a deployment would through its key service.
+    // The nodes share the key-encryption key and the signing key; data keys of charts reach
+    // the second node through the key topic.
     let second_dir = tempfile::tempdir().unwrap();
-    copy_tree(
+    copy_key_files(
         &first_dir.path().join("keys"),
         &second_dir.path().join("keys"),
     );
@@ -337,6 +350,22 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     );
     let metadata = second.get("/fhir/metadata").await;
     assert_eq!(metadata.status, StatusCode::OK);
+    // A chart created after the standby started: its data key reaches the standby with its
+    // first events, so the standby's projection applies them instead of halting.
+    let later_id = first.create(&patient("Later", "Chart", "1980-05-05")).await;
+    let first_end = first.node.log.end_position().borrow().0;
+    let caught_up = eventually(Duration::from_secs(20), || async {
+        let health = second.call(Method::GET, "/health", None, None, &[]).await;
+        let applied = health.json["projections"]["chart"]["applied_position"].as_u64();
+        (applied >= Some(first_end)).then_some(health)
+    })
+    .await
+    .expect("the standby's projection did not reach the owner's log end");
+    assert_eq!(
+        caught_up.json["projections"]["chart"]["halted"], false,
+        "{}",
+        caught_up.text
+    );
     let health = second.call(Method::GET, "/health", None, None, &[]).await;
     assert_eq!(health.status, StatusCode::OK, "{}", health.text);
     assert_eq!(health.json["log"]["ownership"]["role"], "standby");
@@ -406,6 +435,12 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     assert_eq!(updated.status, StatusCode::OK, "{}", updated.text);
     second
         .create(&common::weight(&patient_id, "62.0", "2024-01-03T00:00:00Z"))
+        .await;
+    let later = second.get(&format!("/fhir/Patient/{later_id}")).await;
+    assert_eq!(later.status, StatusCode::OK, "{}", later.text);
+    assert_eq!(later.json["name"][0]["family"], "Later");
+    second
+        .create(&common::weight(&later_id, "70.0", "2024-01-03T00:00:00Z"))
         .await;
 
     let log = KafkaLog::open_reader(kafka).await.unwrap();

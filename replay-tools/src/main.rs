@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use chartlog::crypto::keystore::KeyPaths;
 use chartlog::crypto::KeyStore;
+use chartlog::log::key_topic::KeyTopic;
 use chartlog::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use chartlog::node::NodeConfig;
 use chartlog::verify::{verify_log, VerifyReport};
@@ -197,6 +198,11 @@ fn verify(
         "kafka" => {
             let settings = kafka_settings()?;
             let runtime = runtime()?;
+            // Data keys of charts other nodes created come from the key topic.
+            let key_topic = runtime
+                .block_on(KeyTopic::open(&settings, false))
+                .context("cannot open the key topic")?;
+            keys.set_source(key_topic);
             let log = runtime
                 .block_on(KafkaLog::open_reader(settings))
                 .context("cannot open the Kafka log")?;
@@ -245,9 +251,16 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
                     data.display()
                 )
             })?;
-            let target = runtime
+            // The copied events' data keys go to the key topic with them, so every node on
+            // the topic can open them.
+            let keys = open_keys(data, None)?;
+            let key_topic = runtime
+                .block_on(KeyTopic::open(&settings, true))
+                .context("cannot open the key topic")?;
+            let mut target = runtime
                 .block_on(KafkaLog::open(settings))
                 .context("cannot open the Kafka log")?;
+            target.attach_keys(std::sync::Arc::new(keys), key_topic);
             (Box::new(source), Box::new(target))
         }
         "from-kafka" => {
@@ -307,11 +320,18 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
         ),
         // NOTE: on Kafka nothing stops a rebuild beside a running server, whose own
         // projection files would then be replaced under it; stop the server first.
-        "kafka" => Box::new(
-            runtime
-                .block_on(KafkaLog::open_reader(kafka_settings()?))
-                .context("cannot open the Kafka log")?,
-        ),
+        "kafka" => {
+            let settings = kafka_settings()?;
+            let key_topic = runtime
+                .block_on(KeyTopic::open(&settings, false))
+                .context("cannot open the key topic")?;
+            keys.set_source(key_topic);
+            Box::new(
+                runtime
+                    .block_on(KafkaLog::open_reader(settings))
+                    .context("cannot open the Kafka log")?,
+            )
+        }
         other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
     };
     let projection_dir = config.chart_projection_dir();

@@ -10,7 +10,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use chartlog_schemas::{ChartId, KeyId, SignerId};
 use rand::RngCore;
@@ -67,6 +67,30 @@ pub enum KeyStoreError {
     /// A stored record does not decode.
     #[error("data key record {0} is corrupt")]
     Corrupt(KeyId),
+    /// A data key shared by another node is wrapped by a different key-encryption key.
+    #[error("data key {0} is wrapped by another key-encryption key; every node on one log must use the same key-encryption key")]
+    ForeignKek(KeyId),
+    /// The source of shared data keys could not be read; a later attempt may succeed.
+    #[error("shared data keys could not be read: {0}")]
+    Source(String),
+}
+
+impl KeyStoreError {
+    /// Returns whether a later attempt may succeed without anyone acting.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, KeyStoreError::Source(_))
+    }
+}
+
+/// A source of the data keys of charts created by other nodes, such as the key topic next to
+/// the Kafka log.
+pub trait KeySource: Send + Sync {
+    /// Imports into `store` every data key the source has and the store lacks.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::Source`] when the source cannot be read, or the error of an import.
+    fn catch_up(&self, store: &KeyStore) -> Result<(), KeyStoreError>;
 }
 
 /// A wrapped data key as stored.
@@ -125,6 +149,9 @@ pub struct KeyStore {
     db_path: PathBuf,
     cache: RwLock<HashMap<KeyId, Arc<SymmetricKey>>>,
     chart_keys: RwLock<HashMap<ChartId, KeyId>>,
+    source: OnceLock<Arc<dyn KeySource>>,
+    /// Records imported while the database is open read-only, kept in memory only.
+    imported: Option<RwLock<HashMap<KeyId, Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -219,7 +246,7 @@ impl KeyStore {
                 path: db_path.clone(),
                 source,
             })?;
-        let store = Self::assemble(paths, kek_bytes, seed, db, db_path)?;
+        let store = Self::assemble(paths, kek_bytes, seed, db, db_path, false)?;
         Ok((store, created))
     }
 
@@ -238,7 +265,7 @@ impl KeyStore {
                 path: db_path.clone(),
                 source,
             })?;
-        Self::assemble(paths, kek_bytes, seed, db, db_path)
+        Self::assemble(paths, kek_bytes, seed, db, db_path, true)
     }
 
     /// Builds the store from the raw key bytes, which it zeroizes, and the open database.
@@ -248,6 +275,7 @@ impl KeyStore {
         mut seed: [u8; 32],
         db: rocksdb::DB,
         db_path: PathBuf,
+        read_only: bool,
     ) -> Result<KeyStore, KeyStoreError> {
         let kek = SymmetricKey::from_bytes(kek_bytes);
         let digest = blake3::hash(&kek_bytes);
@@ -266,6 +294,8 @@ impl KeyStore {
             db_path,
             cache: RwLock::new(HashMap::new()),
             chart_keys: RwLock::new(HashMap::new()),
+            source: OnceLock::new(),
+            imported: read_only.then(|| RwLock::new(HashMap::new())),
         };
         store.load_chart_index()?;
         Ok(store)
@@ -365,14 +395,7 @@ impl KeyStore {
             wrapped,
         };
         let bytes = postcard::to_allocvec(&record).expect("wrapped key record serializes");
-        let mut options = rocksdb::WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .put_opt(key_id.as_bytes(), bytes, &options)
-            .map_err(|source| KeyStoreError::Database {
-                path: self.db_path.clone(),
-                source,
-            })?;
+        self.put_synced(key_id, &bytes)?;
         self.cache
             .write()
             .expect("data key cache lock is not poisoned")
@@ -382,6 +405,99 @@ impl KeyStore {
             .expect("chart key index lock is not poisoned")
             .insert(chart_id, key_id);
         Ok(key_id)
+    }
+
+    /// Writes a wrapped key record and syncs it to disk.
+    fn put_synced(&self, key_id: KeyId, bytes: &[u8]) -> Result<(), KeyStoreError> {
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_opt(key_id.as_bytes(), bytes, &options)
+            .map_err(|source| KeyStoreError::Database {
+                path: self.db_path.clone(),
+                source,
+            })
+    }
+
+    /// Sets the source asked for data keys missing from this store. The first source set stays.
+    pub fn set_source(&self, source: Arc<dyn KeySource>) {
+        let _ = self.source.set(source);
+    }
+
+    /// Returns the stored record of a data key, wrapped by the key-encryption key, as it is
+    /// shared with other nodes.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::Database`] when the store cannot be read.
+    pub fn wrapped_record(&self, key_id: KeyId) -> Result<Option<Vec<u8>>, KeyStoreError> {
+        if let Some(imported) = &self.imported {
+            let imported = imported.read().expect("imported key lock is not poisoned");
+            if let Some(bytes) = imported.get(&key_id) {
+                return Ok(Some(bytes.clone()));
+            }
+        }
+        self.db
+            .get(key_id.as_bytes())
+            .map_err(|source| KeyStoreError::Database {
+                path: self.db_path.clone(),
+                source,
+            })
+    }
+
+    /// Returns the ids of every data key in the store.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::Database`] when the store cannot be read.
+    pub fn key_ids(&self) -> Result<Vec<KeyId>, KeyStoreError> {
+        let mut ids = Vec::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, _) = item.map_err(|source| KeyStoreError::Database {
+                path: self.db_path.clone(),
+                source,
+            })?;
+            if let Ok(bytes) = key.as_ref().try_into() {
+                ids.push(KeyId::from_bytes(bytes));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Stores a data key record that another node created, after checking that it unwraps
+    /// under this store's key-encryption key. Returns whether the key was new.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::Corrupt`] for a record that does not decode,
+    /// [`KeyStoreError::ForeignKek`] or [`KeyStoreError::Unwrap`] for one wrapped by another
+    /// key-encryption key, [`KeyStoreError::Database`] when it cannot be stored.
+    pub fn import_wrapped(&self, key_id: KeyId, bytes: &[u8]) -> Result<bool, KeyStoreError> {
+        if self.wrapped_record(key_id)?.is_some() {
+            return Ok(false);
+        }
+        let record: WrappedKey =
+            postcard::from_bytes(bytes).map_err(|_| KeyStoreError::Corrupt(key_id))?;
+        if record.kek_fingerprint != self.kek_fingerprint {
+            return Err(KeyStoreError::ForeignKek(key_id));
+        }
+        let mut raw = decrypt(&self.kek, &record.wrapped, key_id.as_bytes())
+            .map_err(|error| KeyStoreError::Unwrap(key_id, error))?;
+        raw.zeroize();
+        match &self.imported {
+            Some(imported) => {
+                imported
+                    .write()
+                    .expect("imported key lock is not poisoned")
+                    .insert(key_id, bytes.to_vec());
+            }
+            None => self.put_synced(key_id, bytes)?,
+        }
+        self.chart_keys
+            .write()
+            .expect("chart key index lock is not poisoned")
+            .insert(record.chart_id, key_id);
+        Ok(true)
     }
 
     /// Returns the unwrapped data key with the given id.
@@ -399,14 +515,19 @@ impl KeyStore {
         {
             return Ok(key.clone());
         }
-        let bytes = self
-            .db
-            .get(key_id.as_bytes())
-            .map_err(|source| KeyStoreError::Database {
-                path: self.db_path.clone(),
-                source,
-            })?
-            .ok_or(KeyStoreError::MissingDataKey(key_id))?;
+        let bytes = match self.wrapped_record(key_id)? {
+            Some(bytes) => bytes,
+            None => {
+                // A chart created by another node: its key may be waiting at the source.
+                let source = self
+                    .source
+                    .get()
+                    .ok_or(KeyStoreError::MissingDataKey(key_id))?;
+                source.catch_up(self)?;
+                self.wrapped_record(key_id)?
+                    .ok_or(KeyStoreError::MissingDataKey(key_id))?
+            }
+        };
         let record: WrappedKey =
             postcard::from_bytes(&bytes).map_err(|_| KeyStoreError::Corrupt(key_id))?;
         let mut raw = decrypt(&self.kek, &record.wrapped, key_id.as_bytes())
@@ -495,6 +616,70 @@ mod tests {
         let (store, _) = KeyStore::open(&paths, true).unwrap();
         let error = store.data_key(key_id).unwrap_err();
         assert!(matches!(error, KeyStoreError::Unwrap(..)), "{error}");
+    }
+
+    #[test]
+    fn shared_key_imports_under_same_kek() {
+        let first_dir = tempfile::tempdir().unwrap();
+        let first_paths = KeyPaths::under(first_dir.path(), None);
+        let (first, _) = KeyStore::open(&first_paths, true).unwrap();
+        let chart_id = ChartId::random();
+        let key_id = first.create_data_key(chart_id).unwrap();
+        let record = first.wrapped_record(key_id).unwrap().unwrap();
+
+        // A second node with the same key-encryption key file.
+        let second_dir = tempfile::tempdir().unwrap();
+        let second_paths = KeyPaths::under(second_dir.path(), None);
+        fs::create_dir_all(&second_paths.dir).unwrap();
+        fs::copy(&first_paths.kek_file, &second_paths.kek_file).unwrap();
+        let (second, _) = KeyStore::open(&second_paths, true).unwrap();
+        assert!(matches!(
+            second.data_key(key_id),
+            Err(KeyStoreError::MissingDataKey(_))
+        ));
+        assert!(second.import_wrapped(key_id, &record).unwrap());
+        assert!(
+            !second.import_wrapped(key_id, &record).unwrap(),
+            "imported twice"
+        );
+        assert_eq!(second.chart_key_id(chart_id), Some(key_id));
+        assert_eq!(
+            second.data_key(key_id).unwrap().0,
+            first.data_key(key_id).unwrap().0
+        );
+
+        // A third node with a key-encryption key of its own cannot take the record.
+        let third_dir = tempfile::tempdir().unwrap();
+        let (third, _) = KeyStore::open(&KeyPaths::under(third_dir.path(), None), true).unwrap();
+        let error = third.import_wrapped(key_id, &record).unwrap_err();
+        assert!(matches!(error, KeyStoreError::ForeignKek(_)), "{error}");
+        assert_eq!(third.wrapped_record(key_id).unwrap(), None);
+    }
+
+    #[test]
+    fn read_only_store_imports_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        let (writer, _) = KeyStore::open(&paths, true).unwrap();
+        let key_id = writer.create_data_key(ChartId::random()).unwrap();
+        let record = writer.wrapped_record(key_id).unwrap().unwrap();
+        drop(writer);
+
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_paths = KeyPaths::under(other_dir.path(), None);
+        fs::create_dir_all(&other_paths.dir).unwrap();
+        fs::copy(&paths.kek_file, &other_paths.kek_file).unwrap();
+        drop(KeyStore::open(&other_paths, true).unwrap());
+        let reader = KeyStore::open_read_only(&other_paths).unwrap();
+        assert!(reader.import_wrapped(key_id, &record).unwrap());
+        assert!(reader.data_key(key_id).is_ok());
+        drop(reader);
+        let reopened = KeyStore::open_read_only(&other_paths).unwrap();
+        assert_eq!(
+            reopened.wrapped_record(key_id).unwrap(),
+            None,
+            "a read-only store wrote to disk"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use rand::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-pub use keystore::{KeyStore, KeyStoreError};
+pub use keystore::{KeySource, KeyStore, KeyStoreError};
 
 /// Length in bytes of an AES-GCM-SIV nonce.
 const NONCE_LEN: usize = 12;

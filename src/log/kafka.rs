@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chartlog_schemas::Envelope;
@@ -27,7 +27,10 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::key_topic::{KeyTopic, KEY_PARTITION};
 use super::{AppendError, EventLog, LogPosition, ReadError};
+use crate::crypto::KeyStore;
+use chartlog_schemas::KeyId;
 
 /// The partition every chart's events go to.
 const PARTITION: i32 = 0;
@@ -148,10 +151,12 @@ pub enum KafkaOpenError {
     },
     /// The topic keeps records for a limited time or compacts them, which would delete
     /// audit records that must be kept for six years or more.
-    #[error("topic {topic} has {setting}={value}; chartlog needs retention.ms=-1, retention.bytes=-1 and cleanup.policy=delete")]
+    #[error("topic {topic} has {setting}={value}; chartlog needs retention.ms=-1, retention.bytes=-1 and cleanup.policy={expected_policy}")]
     Retention {
         /// Topic name.
         topic: String,
+        /// The cleanup policy the topic needs.
+        expected_policy: String,
         /// The offending setting.
         setting: String,
         /// Its value.
@@ -173,11 +178,20 @@ pub struct KafkaLog {
     /// partition is released or a newer writer fenced this node or wrote behind its back.
     owner: AtomicBool,
     read_only: bool,
+    /// The key store and key topic that share new charts' data keys with the other nodes, once
+    /// attached.
+    keys: Option<SharedKeys>,
+}
+
+/// The key store and the key topic the writer publishes new data keys through.
+struct SharedKeys {
+    store: Arc<KeyStore>,
+    topic: Arc<KeyTopic>,
 }
 
 /// Client context of the reader. Every read ends at the end of the partition, so that is not
 /// reported as an error; every other client error is logged.
-struct ReaderContext;
+pub(crate) struct ReaderContext;
 
 impl ClientContext for ReaderContext {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -252,7 +266,7 @@ impl KafkaLog {
     ///
     /// As [`KafkaLog::open`].
     pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
-        ensure_topic(&config).await?;
+        ensure_topic(&config, &config.topic, "delete").await?;
         Self::connect(config, false).await
     }
 
@@ -289,6 +303,7 @@ impl KafkaLog {
                 end,
                 config,
                 read_only,
+                keys: None,
             })
         })
         .await
@@ -309,6 +324,13 @@ impl KafkaLog {
 
     fn transactional_id(&self) -> String {
         format!("chartlog-{}-{PARTITION}", self.config.topic)
+    }
+
+    /// Shares the data keys of the charts this log's writer creates through `topic`. Each key
+    /// not yet on the topic goes into the same transaction as the first events that use it.
+    /// Taking the log over first publishes any key of `store` still missing there.
+    pub fn attach_keys(&mut self, store: Arc<KeyStore>, topic: Arc<KeyTopic>) {
+        self.keys = Some(SharedKeys { store, topic });
     }
 
     /// Returns the topic's name.
@@ -344,6 +366,8 @@ impl KafkaLog {
         envelopes: &[Envelope],
     ) -> Result<Vec<LogPosition>, KafkaError> {
         producer.begin_transaction()?;
+        let new_keys = self.unpublished_keys(envelopes);
+        let key_deliveries = self.send_keys(producer, &new_keys)?;
         let mut deliveries = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             let key = chartlog_schemas::envelope::parse(&envelope.0)
@@ -358,6 +382,13 @@ impl KafkaLog {
         }
         let mut positions = Vec::with_capacity(envelopes.len());
         let delivered: Result<Vec<i64>, KafkaError> = self.runtime.block_on(async {
+            for delivery in key_deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((error, _))) => return Err(error),
+                    Err(_) => return Err(KafkaError::Canceled),
+                }
+            }
             let mut offsets = Vec::with_capacity(deliveries.len());
             for delivery in deliveries {
                 match delivery.await {
@@ -379,11 +410,119 @@ impl KafkaLog {
             std::thread::sleep(Duration::from_micros(20));
         }
         producer.commit_transaction(APPEND_TIMEOUT)?;
+        if let Some(keys) = &self.keys {
+            keys.topic
+                .mark_published(new_keys.into_iter().map(|(key_id, _)| key_id));
+        }
         Ok(positions)
+    }
+
+    /// Returns the wrapped records of the data keys `envelopes` use that the key topic does
+    /// not hold yet.
+    fn unpublished_keys(&self, envelopes: &[Envelope]) -> Vec<(KeyId, Vec<u8>)> {
+        let Some(keys) = &self.keys else {
+            return Vec::new();
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut records = Vec::new();
+        for envelope in envelopes {
+            let Ok(parsed) = chartlog_schemas::envelope::parse(&envelope.0) else {
+                continue;
+            };
+            let key_id = parsed.header.key_id;
+            if !seen.insert(key_id) || keys.topic.is_published(key_id) {
+                continue;
+            }
+            match keys.store.wrapped_record(key_id) {
+                Ok(Some(record)) => records.push((key_id, record)),
+                // The writer stores a chart's key before sealing its first event, so this
+                // is a damaged key store; other nodes will report the key missing.
+                Ok(None) => {
+                    tracing::error!(key = %key_id, "data key to share is not in the key store")
+                }
+                Err(error) => {
+                    tracing::error!(key = %key_id, error = %error, "data key to share could not be read")
+                }
+            }
+        }
+        records
+    }
+
+    /// Sends key records to the key topic in the producer's open transaction.
+    fn send_keys(
+        &self,
+        producer: &FutureProducer,
+        records: &[(KeyId, Vec<u8>)],
+    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
+        let Some(keys) = &self.keys else {
+            return Ok(Vec::new());
+        };
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (key_id, record) in records {
+            let message = FutureRecord::to(keys.topic.name())
+                .partition(KEY_PARTITION)
+                .key(key_id.as_bytes().as_slice())
+                .payload(record);
+            deliveries.push(producer.send_result(message).map_err(|(error, _)| error)?);
+        }
+        Ok(deliveries)
+    }
+
+    /// Publishes, in a transaction of their own, the keys of the local key store that the key
+    /// topic lacks: keys of charts created before the topic existed, or by this node's
+    /// embedded log before it was copied here.
+    fn publish_missing_keys(&self, producer: &FutureProducer) -> Result<usize, AppendError> {
+        let Some(keys) = &self.keys else {
+            return Ok(0);
+        };
+        keys.topic
+            .catch_up_published(&keys.store)
+            .map_err(|error| AppendError::Unavailable(error.into()))?;
+        let ids = keys
+            .store
+            .key_ids()
+            .map_err(|error| AppendError::Storage(error.into()))?;
+        let mut records = Vec::new();
+        for key_id in ids {
+            if keys.topic.is_published(key_id) {
+                continue;
+            }
+            if let Ok(Some(record)) = keys.store.wrapped_record(key_id) {
+                records.push((key_id, record));
+            }
+        }
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let sent = (|| {
+            producer.begin_transaction()?;
+            let deliveries = self.send_keys(producer, &records)?;
+            self.runtime.block_on(async {
+                for delivery in deliveries {
+                    match delivery.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((error, _))) => return Err(error),
+                        Err(_) => return Err(KafkaError::Canceled),
+                    }
+                }
+                Ok(())
+            })?;
+            producer.commit_transaction(APPEND_TIMEOUT)
+        })();
+        if let Err(error) = sent {
+            let _ = producer.abort_transaction(APPEND_TIMEOUT);
+            return Err(AppendError::Unavailable(error.into()));
+        }
+        let count = records.len();
+        keys.topic
+            .mark_published(records.into_iter().map(|(key_id, _)| key_id));
+        Ok(count)
     }
 }
 
-fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer<ReaderContext>, KafkaOpenError> {
+pub(crate) fn reader_consumer(
+    config: &KafkaConfig,
+) -> Result<BaseConsumer<ReaderContext>, KafkaOpenError> {
     config
         .client_config()
         .set(
@@ -403,22 +542,25 @@ fn reader_consumer(config: &KafkaConfig) -> Result<BaseConsumer<ReaderContext>, 
         .map_err(client_error("consumer creation"))
 }
 
-async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaOpenError> {
+/// Creates `name` with one partition, unlimited retention and `cleanup_policy` when it is
+/// missing, or checks that an existing topic keeps its records: retention unlimited and the
+/// same cleanup policy.
+pub(crate) async fn ensure_topic(
+    config: &KafkaConfig,
+    name: &str,
+    cleanup_policy: &str,
+) -> Result<(), KafkaOpenError> {
     let admin: AdminClient<DefaultClientContext> = config
         .client_config()
         .create()
         .map_err(client_error("admin client creation"))?;
     let options = AdminOptions::new().request_timeout(Some(APPEND_TIMEOUT));
     let min_insync = config.min_insync_replicas.to_string();
-    let topic = NewTopic::new(
-        &config.topic,
-        1,
-        TopicReplication::Fixed(config.replication_factor),
-    )
-    .set("retention.ms", "-1")
-    .set("retention.bytes", "-1")
-    .set("cleanup.policy", "delete")
-    .set("min.insync.replicas", &min_insync);
+    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(config.replication_factor))
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1")
+        .set("cleanup.policy", cleanup_policy)
+        .set("min.insync.replicas", &min_insync);
     let created = admin
         .create_topics(&[topic], &options)
         .await
@@ -437,7 +579,7 @@ async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaOpenError> {
     }
 
     let described = admin
-        .describe_configs(&[ResourceSpecifier::Topic(&config.topic)], &options)
+        .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
         .await
         .map_err(client_error("topic description"))?;
     for resource in described {
@@ -449,12 +591,13 @@ async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaOpenError> {
             let value = entry.value.unwrap_or_default();
             let acceptable = match entry.name.as_str() {
                 "retention.ms" | "retention.bytes" => value == "-1",
-                "cleanup.policy" => value == "delete",
+                "cleanup.policy" => value == cleanup_policy,
                 _ => true,
             };
             if !acceptable {
                 return Err(KafkaOpenError::Retention {
-                    topic: config.topic.clone(),
+                    topic: name.to_owned(),
+                    expected_policy: cleanup_policy.to_owned(),
                     setting: entry.name,
                     value,
                 });
@@ -634,6 +777,10 @@ impl EventLog for KafkaLog {
             .committed_end
             .lock()
             .expect("committed end lock is not poisoned") = end;
+        let published = self.publish_missing_keys(&producer)?;
+        if published > 0 {
+            tracing::info!(keys = published, "published data keys to the key topic");
+        }
         *slot = Some(producer);
         if end > *self.end.borrow() {
             self.end.send_replace(end);

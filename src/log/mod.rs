@@ -9,6 +9,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod key_topic;
 pub mod ownership;
 
 use chartlog_schemas::Envelope;
