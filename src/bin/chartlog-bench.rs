@@ -214,7 +214,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
-    let scratch = tempfile::tempdir_in(&args.dir).context("cannot create the bench directory")?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create the bench directory {}", args.dir.display()))?;
+    let scratch = tempfile::tempdir_in(&args.dir).with_context(|| {
+        format!(
+            "cannot create a scratch directory in {}",
+            args.dir.display()
+        )
+    })?;
     let kafka = match args.log_backend.as_str() {
         "embedded" => None,
         "kafka" => {
