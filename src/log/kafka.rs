@@ -715,7 +715,14 @@ impl EventLog for KafkaLog {
         let started = std::time::Instant::now();
         let mut heard_back = false;
         while entries.len() < max {
-            match consumer.poll(READ_POLL) {
+            // Once records arrived, return with what the consumer has buffered rather than
+            // wait for more: a projector that waits here keeps every waiting write waiting.
+            let wait = if entries.is_empty() {
+                READ_POLL
+            } else {
+                Duration::ZERO
+            };
+            match consumer.poll(wait) {
                 None if fresh && !heard_back && started.elapsed() < APPEND_TIMEOUT => continue,
                 None => break,
                 Some(Err(KafkaError::PartitionEOF(_))) => {
