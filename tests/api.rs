@@ -873,6 +873,12 @@ async fn health_reports_projection_position() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json["status"], "ok");
     assert_eq!(reply.json["projections"]["chart"]["lag_events"], 0);
+    // A single node writes its log, whichever log it is.
+    let owner = node
+        .call(Method::GET, "/health/owner", None, None, &[])
+        .await;
+    assert_eq!(owner.status, StatusCode::OK, "{}", owner.text);
+    assert_eq!(owner.json["accepting_writes"], true);
 }
 
 #[tokio::test]

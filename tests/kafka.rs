@@ -371,6 +371,19 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     assert_eq!(health.json["log"]["ownership"]["role"], "standby");
     assert_eq!(health.json["log"]["ownership"]["owner_url"], FIRST);
     assert_eq!(health.json["log"]["accepting_writes"], false);
+    let standby = second
+        .call(Method::GET, "/health/owner", None, None, &[])
+        .await;
+    assert_eq!(
+        standby.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        standby.text
+    );
+    let owner = first
+        .call(Method::GET, "/health/owner", None, None, &[])
+        .await;
+    assert_eq!(owner.status, StatusCode::OK, "{}", owner.text);
 
     // A writer outside the group takes the transactional id: the broker fences the first
     // node, whose next write fails. Still assigned the partition, the first node takes it
@@ -413,6 +426,10 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     })
     .await;
     assert!(moved.is_some(), "the standby never took the log over");
+    let owner = second
+        .call(Method::GET, "/health/owner", None, None, &[])
+        .await;
+    assert_eq!(owner.status, StatusCode::OK, "{}", owner.text);
     let rename = |if_match: &'static str| {
         let body = serde_json::json!({
             "resourceType": "Patient",
@@ -463,4 +480,41 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         "exactly the acknowledged writes, the fenced one not among them: {}",
         observations.text
     );
+}
+
+#[tokio::test]
+async fn standby_with_the_owners_url_does_not_redirect() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    copy_key_files(
+        &first.dir.path().join("keys"),
+        &second_dir.path().join("keys"),
+    );
+    // Both nodes publish the same base URL, as two nodes behind one address would.
+    let second = TestNode::start_in(second_dir, Some(kafka)).await;
+    let known = eventually(Duration::from_secs(20), || async {
+        let health = second.call(Method::GET, "/health", None, None, &[]).await;
+        health.json["log"]["ownership"]["owner_url"]
+            .is_string()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        known.is_some(),
+        "the standby never learned the owner's address"
+    );
+    let reply = second
+        .post(
+            "/fhir/Patient",
+            &patient("Same", "Address", "1970-01-01").to_string(),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.header("location"), None);
 }

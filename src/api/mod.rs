@@ -62,7 +62,7 @@ pub struct AppState {
     pub authenticator: Arc<Authenticator>,
     /// Base URL of the FHIR endpoint as clients reach it, for fullUrl and Location.
     pub base_url: Arc<str>,
-    /// On Kafka, whether this node owns the log or stands by; `None` on the embedded log.
+    /// On Kafka, this node's role: owner of the log or standby. `None` on the embedded log.
     pub role: Option<watch::Receiver<Role>>,
 }
 
@@ -210,6 +210,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/fhir", fhir)
         .route("/metadata", get(capability::metadata))
         .route("/health", get(health))
+        .route("/health/owner", get(health_owner))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found_path() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -233,7 +234,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Sends every FHIR request but `metadata` to the node that owns the Kafka log: a standby
-/// that knows the owner answers 307 to the owner's URL (the method and body go with a 307).
+/// that has found the owner answers 307 to the owner's URL (the method and body go with a 307).
 /// Every read appends its access event, so reads go to the owner too. While no owner is known
 /// (the group is deciding, or the broker is away), the node serves requests itself: its writes
 /// answer 503, and its reads are served with their accesses journaled.
@@ -259,6 +260,16 @@ async fn route_to_owner(
     let Some(owner_url) = owner_url else {
         return next.run(request).await;
     };
+    if owner_url.trim_end_matches('/') == &*state.base_url {
+        // Another member publishes this node's own URL: a redirect would come back here.
+        tracing::error!(
+            "the node that owns the log publishes this node's base URL; give every node its own --base-url"
+        );
+        return ApiError::unavailable(
+            "invalid configuration: the log's owner has this node's base URL",
+        )
+        .into_response();
+    }
     // Inside the nested router the path no longer has the `/fhir` prefix, which the owner's
     // base URL carries instead.
     let tail = request
@@ -274,8 +285,35 @@ async fn route_to_owner(
                 .insert(axum::http::header::LOCATION, value);
             response
         }
-        Err(_) => ApiError::unavailable("the owner of the log has an unusable URL").into_response(),
+        Err(_) => {
+            tracing::error!(
+                "the owner of the log publishes a base URL that is not a valid header value"
+            );
+            ApiError::unavailable("the owner of the log has an invalid base URL").into_response()
+        }
     }
+}
+
+/// `GET /health/owner`: 200 on the node that writes the log, 503 on every other, so a load
+/// balancer in front of several nodes can send clients to the owner alone.
+async fn health_owner(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+
+    let role = state.role.as_ref().map(|role| role.borrow().clone());
+    let is_owner = matches!(role, None | Some(Role::Owner)) && state.writer.is_healthy();
+    let name = role.as_ref().map_or("owner", Role::name);
+    let code = if is_owner {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({"role": name, "accepting_writes": is_owner})),
+    )
+        .into_response()
 }
 
 async fn health(
