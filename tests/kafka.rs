@@ -518,3 +518,95 @@ async fn standby_with_the_owners_url_does_not_redirect() {
     );
     assert_eq!(reply.header("location"), None);
 }
+
+/// Creates a topic with the given partitions and settings through the admin API.
+async fn create_topic(bootstrap: &str, name: &str, partitions: i32, settings: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in settings {
+        topic = topic.set(key, value);
+    }
+    let created = admin
+        .create_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+}
+
+#[tokio::test]
+async fn topics_that_would_lose_records_are_refused() {
+    let base = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    // Each case differs from an acceptable topic in one setting.
+    let cases: [(&str, i32, (&str, &str), &str); 4] = [
+        (
+            "retention",
+            1,
+            ("retention.ms", "604800000"),
+            "retention.ms=604800000",
+        ),
+        (
+            "compacted",
+            1,
+            ("cleanup.policy", "compact"),
+            "cleanup.policy=compact",
+        ),
+        (
+            "size-limited",
+            1,
+            ("retention.bytes", "1073741824"),
+            "retention.bytes=1073741824",
+        ),
+        ("partitioned", 3, ("retention.ms", "-1"), "has 3 partitions"),
+    ];
+    for (case, partitions, (setting, value), expected) in cases {
+        let mut config = base.clone();
+        config.topic = format!("{}-{case}", base.topic);
+        let mut settings = vec![
+            ("retention.ms", "-1"),
+            ("retention.bytes", "-1"),
+            ("cleanup.policy", "delete"),
+        ];
+        settings.retain(|(name, _)| *name != setting);
+        settings.push((setting, value));
+        create_topic(
+            &config.bootstrap_servers,
+            &config.topic,
+            partitions,
+            &settings,
+        )
+        .await;
+        let error = KafkaLog::open_unowned(config)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{case}: the topic was accepted"));
+        let message = error.to_string();
+        assert!(message.contains(expected), "{case}: {message}");
+    }
+
+    // The key topic must be compacted, never emptied by retention.
+    let mut config = base.clone();
+    config.topic = format!("{}-keys-deleted", base.topic);
+    let key_topic = chartlog::log::key_topic::key_topic_name(&config.topic);
+    create_topic(
+        &config.bootstrap_servers,
+        &key_topic,
+        1,
+        &[("cleanup.policy", "delete")],
+    )
+    .await;
+    let error = chartlog::log::key_topic::KeyTopic::open(&config, true)
+        .await
+        .err()
+        .expect("a key topic that is not compacted was accepted");
+    assert!(
+        error.to_string().contains("cleanup.policy=delete"),
+        "{error}"
+    );
+}

@@ -149,6 +149,14 @@ pub enum KafkaOpenError {
         #[source]
         source: KafkaError,
     },
+    /// The topic has more than the one partition this log reads and writes.
+    #[error("topic {topic} has {count} partitions; chartlog reads and writes a topic of one partition, so create it with one or name another topic")]
+    Partitions {
+        /// Topic name.
+        topic: String,
+        /// Its number of partitions.
+        count: usize,
+    },
     /// The topic keeps records for a limited time or compacts them, which would delete
     /// audit records that must be kept for six years or more.
     #[error("topic {topic} has {setting}={value}; chartlog needs retention.ms=-1, retention.bytes=-1 and cleanup.policy={expected_policy}")]
@@ -286,6 +294,21 @@ impl KafkaLog {
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let consumer = reader_consumer(&config)?;
+            let metadata = consumer
+                .fetch_metadata(Some(&config.topic), APPEND_TIMEOUT)
+                .map_err(client_error("reading the topic's metadata"))?;
+            let partitions = metadata
+                .topics()
+                .iter()
+                .find(|topic| topic.name() == config.topic)
+                .map_or(0, |topic| topic.partitions().len());
+            if partitions > 1 {
+                // Records on other partitions would be neither read nor verified.
+                return Err(KafkaOpenError::Partitions {
+                    topic: config.topic.clone(),
+                    count: partitions,
+                });
+            }
             let (_, high) = consumer
                 .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
