@@ -125,6 +125,10 @@ impl AccessJournal {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
+        // As for the log: every journaled access was synced before its data left, so only an
+        // unfinished record at the very end may be torn. Anything else that does not check is
+        // corruption, and opening fails rather than silently dropping the accesses after it.
+        options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         options.set_paranoid_checks(true);
         let db = rocksdb::DB::open_cf(&options, path, [QUARANTINE])?;
         let mut count = 0u64;

@@ -194,7 +194,22 @@ async fn run_server(settings: ServeSettings) -> anyhow::Result<()> {
         api::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
+        // SIGTERM is how service managers and container runtimes ask a process to stop.
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot listen for SIGTERM; only Ctrl-C stops the server cleanly");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
         tracing::info!("shutdown begun");
     })
     .await

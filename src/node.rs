@@ -177,7 +177,10 @@ fn read_or_create_node_id(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Checks that every chart ends at the head recorded with its appends.
-fn check_heads(state: &WriterState, heads: &[(ChartId, EventSeq, [u8; 32])]) -> anyhow::Result<()> {
+pub(crate) fn check_heads(
+    state: &WriterState,
+    heads: &[(ChartId, EventSeq, [u8; 32])],
+) -> anyhow::Result<()> {
     for (chart_id, seq, digest) in heads {
         let matches = state
             .chart(*chart_id)
@@ -343,6 +346,7 @@ impl Node {
             _ => None,
         };
         let role = membership.as_ref().map(Ownership::role);
+        let settled = membership.as_ref().map(Ownership::settled);
 
         let node = Node {
             writer,
@@ -361,15 +365,13 @@ impl Node {
         let end = *node.log.end_position().borrow();
         node.wait_for_projection(end, Duration::from_secs(600))
             .await?;
-        if let Some(role) = &node.role {
-            let mut role = role.clone();
+        if let Some(mut settled) = settled {
             let decided =
-                tokio::time::timeout(ROLE_WAIT, role.wait_for(|role| *role != Role::Undecided))
-                    .await;
+                tokio::time::timeout(ROLE_WAIT, settled.wait_for(|settled| *settled)).await;
             if decided.is_err() {
                 tracing::warn!(
                     waited_s = ROLE_WAIT.as_secs(),
-                    "the kafka owner group has not decided this node's role yet; requests answer 503 until it does"
+                    "the kafka owner group has not decided this node's role yet; writes answer 503 until it does"
                 );
             }
         }

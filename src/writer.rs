@@ -117,6 +117,10 @@ impl Writer {
         keys: Arc<KeyStore>,
         state: Arc<RwLock<WriterState>>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
+        state
+            .write()
+            .expect("writer state lock is not poisoned")
+            .set_resource_limit(log.max_resource_bytes());
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_state = state.clone();
         let appends_failing = Arc::new(AtomicBool::new(false));
@@ -289,7 +293,11 @@ fn take_log_over(
     state: &RwLock<WriterState>,
 ) -> anyhow::Result<()> {
     log.begin_ownership()?;
-    let rebuilt = crate::node::rebuild_writer_state(log, keys)?;
+    let mut rebuilt = crate::node::rebuild_writer_state(log, keys)?;
+    rebuilt.set_resource_limit(log.max_resource_bytes());
+    if let Some(heads) = log.recorded_heads()? {
+        crate::node::check_heads(&rebuilt, &heads)?;
+    }
     let charts = rebuilt.chart_count();
     *state.write().expect("writer state lock is not poisoned") = rebuilt;
     log.complete_ownership();

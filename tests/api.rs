@@ -1068,6 +1068,44 @@ async fn oversized_resource_is_rejected_and_writer_survives() {
 }
 
 #[tokio::test]
+async fn resource_larger_than_a_log_entry_is_rejected_alone() {
+    let node = TestNode::start().await;
+    let mut big = patient("Big", "Entry", "1970-01-01");
+    big["name"][0]["family"] = json!("B".repeat(2 * 1024 * 1024));
+    let body = big.to_string();
+    let small = patient("Small", "Beside", "1970-01-01").to_string();
+    // Sent together, so that both can land in one batch of the writer.
+    let (big_reply, small_reply) = tokio::join!(
+        node.post("/fhir/Patient", &body),
+        node.post("/fhir/Patient", &small)
+    );
+    assert_eq!(
+        small_reply.status,
+        StatusCode::CREATED,
+        "{}",
+        small_reply.text
+    );
+    match node.node.log.max_resource_bytes() {
+        // Kafka records are limited to about 1 MB by default.
+        Some(limit) => {
+            assert!(limit < 2 * 1024 * 1024, "limit {limit}");
+            assert_eq!(
+                big_reply.status,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{}",
+                big_reply.text
+            );
+            assert!(
+                big_reply.text.contains(&limit.to_string()),
+                "{}",
+                big_reply.text
+            );
+        }
+        None => assert_eq!(big_reply.status, StatusCode::CREATED),
+    }
+}
+
+#[tokio::test]
 async fn huge_offsets_and_zero_counts_are_safe() {
     let node = TestNode::start().await;
     let id = node.create(&patient("Page", "Edge", "1970-01-01")).await;

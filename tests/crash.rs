@@ -1,6 +1,6 @@
 //! Kill -9 of a running `chartlog serve` during a stream of writes, on the embedded log or on
 //! Kafka (`CHARTLOG_TEST_LOG=kafka`): after a restart every acknowledged write is there exactly
-//! once and `chartlog-replay verify` passes.
+//! once and `chartlog-replay verify` passes. Also SIGTERM, which stops the server cleanly.
 
 mod common;
 
@@ -234,6 +234,45 @@ fn kill_during_writes_loses_no_acknowledged_write() {
         verified,
         "the log does not verify after the crash: {output}"
     );
+    drop_dir(dir.path());
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        data: dir.path().to_path_buf(),
+        kafka: common::test_kafka_config(),
+    };
+    let port = free_port();
+    let mut server = setup.serve(port);
+    let token = setup.token();
+    let (status, body) =
+        http(port, "POST", "/fhir/Patient", &token, &patient_body("Term")).unwrap();
+    assert_eq!(status, 201, "{body}");
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "the server exited with {status} after SIGTERM"
+    );
+    let (verified, output) = setup.verify();
+    assert!(verified, "{output}");
     drop_dir(dir.path());
 }
 

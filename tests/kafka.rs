@@ -280,6 +280,20 @@ async fn copy_moves_logs_byte_for_byte() {
     );
 }
 
+/// Posts a body-weight Observation for a patient.
+async fn post_weight(
+    node: &TestNode,
+    patient_id: &str,
+    kilograms: &str,
+    effective: &str,
+) -> common::Reply {
+    node.post(
+        "/fhir/Observation",
+        &common::weight(patient_id, kilograms, effective).to_string(),
+    )
+    .await
+}
+
 /// Polls `check` every 200 ms until it returns a value or `limit` passes.
 async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
 where
@@ -325,12 +339,7 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     // The second node stands by and sends clients to the first, reads and writes alike.
     let second = TestNode::start_at(second_dir, Some(kafka.clone()), SECOND).await;
     let redirected = eventually(Duration::from_secs(20), || async {
-        let reply = second
-            .post(
-                "/fhir/Observation",
-                &common::weight(&patient_id, "60.5", "2024-01-01T12:00:00Z").to_string(),
-            )
-            .await;
+        let reply = post_weight(&second, &patient_id, "60.5", "2024-01-01T12:00:00Z").await;
         (reply.status == StatusCode::TEMPORARY_REDIRECT).then_some(reply)
     })
     .await
@@ -348,6 +357,16 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         read.header("location"),
         Some(format!("{FIRST}/Patient/{patient_id}?_format=json").as_str())
     );
+    // A transaction goes to the owner's base URL itself.
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": []});
+    let transaction = second.post("/fhir", &bundle.to_string()).await;
+    assert_eq!(
+        transaction.status,
+        StatusCode::TEMPORARY_REDIRECT,
+        "{}",
+        transaction.text
+    );
+    assert_eq!(transaction.header("location"), Some(FIRST));
     let metadata = second.get("/fhir/metadata").await;
     assert_eq!(metadata.status, StatusCode::OK);
     // A chart created after the standby started: its data key reaches the standby with its
@@ -389,12 +408,7 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     // node, whose next write fails. Still assigned the partition, the first node takes it
     // back, its state rebuilt from the log, and writes again.
     let intruder = KafkaLog::open(kafka.clone()).await.unwrap();
-    let fenced = first
-        .post(
-            "/fhir/Observation",
-            &common::weight(&patient_id, "61.0", "2024-01-02T00:00:00Z").to_string(),
-        )
-        .await;
+    let fenced = post_weight(&first, &patient_id, "61.0", "2024-01-02T00:00:00Z").await;
     assert_eq!(
         fenced.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -403,12 +417,7 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     );
     drop(intruder);
     let resumed = eventually(Duration::from_secs(30), || async {
-        let reply = first
-            .post(
-                "/fhir/Observation",
-                &common::weight(&patient_id, "61.5", "2024-01-02T12:00:00Z").to_string(),
-            )
-            .await;
+        let reply = post_weight(&first, &patient_id, "61.5", "2024-01-02T12:00:00Z").await;
         (reply.status == StatusCode::CREATED).then_some(reply)
     })
     .await;
@@ -608,5 +617,86 @@ async fn topics_that_would_lose_records_are_refused() {
     assert!(
         error.to_string().contains("cleanup.policy=delete"),
         "{error}"
+    );
+}
+
+#[tokio::test]
+async fn forged_head_reveals_removed_events() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = node.create(&patient("Head", "Check", "1970-01-01")).await;
+    node.create(&common::weight(&patient_id, "60.0", "2024-01-01T00:00:00Z"))
+        .await;
+    let (dir, _) = node.stop().await;
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        dir.path(),
+        &kafka.topic,
+    );
+    assert!(verified, "{output}");
+
+    // Record a head one event beyond each chart's last: the log now looks as if its last
+    // events were removed.
+    let heads = {
+        let kafka = kafka.clone();
+        tokio::task::spawn_blocking(move || chartlog::log::head_topic::read_heads(&kafka))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the node recorded no chart heads")
+    };
+    assert!(!heads.is_empty());
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .create()
+        .unwrap();
+    let topic = chartlog::log::head_topic::head_topic_name(&kafka.topic);
+    for (chart_id, seq, _) in &heads {
+        let value =
+            chartlog::log::head_topic::encode_head(chartlog_schemas::EventSeq(seq.0 + 1), &[0; 32]);
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key(chart_id.as_bytes().as_slice())
+                    .payload(value.as_slice()),
+            )
+            .map_err(|(error, _)| error)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        dir.path(),
+        &kafka.topic,
+    );
+    assert!(
+        !verified,
+        "verify passed a log whose charts end early: {output}"
+    );
+    assert!(
+        output.contains("events were removed from its end"),
+        "{output}"
+    );
+
+    // A node refuses to take such a log over, so it writes nothing on top of it.
+    let node = TestNode::start_in(dir, Some(kafka)).await;
+    let reply = post_weight(&node, &patient_id, "61.0", "2024-01-02T00:00:00Z").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
+    let owner = node
+        .call(Method::GET, "/health/owner", None, None, &[])
+        .await;
+    assert_eq!(
+        owner.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        owner.text
     );
 }

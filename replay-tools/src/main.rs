@@ -206,9 +206,16 @@ fn verify(
             let log = runtime
                 .block_on(KafkaLog::open_reader(settings))
                 .context("cannot open the Kafka log")?;
-            // NOTE: Kafka keeps no chart heads beside the log, so a chart whose last events
-            // were removed from the topic is not caught here.
-            let report = verify_log(&log, &keys, None).context("cannot read the log")?;
+            let heads = log
+                .recorded_heads()
+                .context("cannot read the chart heads of the Kafka log")?;
+            if heads.is_none() {
+                eprintln!(
+                    "note: the Kafka log has no head topic, so removed last events of a chart are not detected"
+                );
+            }
+            let report =
+                verify_log(&log, &keys, heads.as_deref()).context("cannot read the log")?;
             drop(log);
             report
         }

@@ -258,6 +258,13 @@ async fn route_to_owner(
         _ => None,
     };
     let Some(owner_url) = owner_url else {
+        // No owner known. This node's writer state is empty or stale unless it owns the log,
+        // so a write checked against it would get a wrong answer (a missing reference, a
+        // stale version): refuse writes until the log is taken over, and serve reads.
+        if is_write(&request) && !state.log.is_owner() {
+            return ApiError::unavailable("no node holds the log at the moment; retry shortly")
+                .into_response();
+        }
         return next.run(request).await;
     };
     if owner_url.trim_end_matches('/') == &*state.base_url {
@@ -271,12 +278,16 @@ async fn route_to_owner(
         .into_response();
     }
     // Inside the nested router the path no longer has the `/fhir` prefix, which the owner's
-    // base URL carries instead.
-    let tail = request
+    // base URL carries instead. The base itself (a transaction) is the root path here.
+    let path = match request.uri().path() {
+        "/" => "",
+        path => path,
+    };
+    let query = request
         .uri()
-        .path_and_query()
-        .map_or("", |path| path.as_str());
-    let location = format!("{}{tail}", owner_url.trim_end_matches('/'));
+        .query()
+        .map_or(String::new(), |query| format!("?{query}"));
+    let location = format!("{}{path}{query}", owner_url.trim_end_matches('/'));
     match axum::http::HeaderValue::from_str(&location) {
         Ok(value) => {
             let mut response = ApiError::redirect().into_response();
@@ -292,6 +303,16 @@ async fn route_to_owner(
             ApiError::unavailable("the owner of the log has an invalid base URL").into_response()
         }
     }
+}
+
+/// Returns whether a FHIR request changes the record: every method but GET and HEAD, except
+/// a search sent as a POST.
+fn is_write(request: &axum::extract::Request) -> bool {
+    let method = request.method();
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return false;
+    }
+    !(method == axum::http::Method::POST && request.uri().path().ends_with("/_search"))
 }
 
 /// `GET /health/owner`: 200 on the node that writes the log, 503 on every other, so a load

@@ -182,12 +182,14 @@ pub enum CommandError {
         resource_id: String,
     },
     /// The resource is larger than one event may carry.
-    #[error("{resource_type} of {bytes} bytes exceeds the maximum of {MAX_RESOURCE_BYTES} bytes")]
+    #[error("{resource_type} of {bytes} bytes exceeds the maximum of {limit} bytes that one log entry holds")]
     TooLarge {
         /// FHIR resource type.
         resource_type: String,
         /// Size of the resource's JSON.
         bytes: usize,
+        /// The largest resource JSON an event may carry.
+        limit: usize,
     },
     /// A command id was reused by another actor or for another request.
     #[error("command id {0} was already used for a different request")]

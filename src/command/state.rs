@@ -86,6 +86,9 @@ pub struct WriterState {
     patients: HashMap<String, ChartId>,
     commands: HashMap<CommandId, CommandRecord>,
     clock: HlcTimestamp,
+    /// Largest resource JSON an event may carry, when the log allows less than
+    /// [`super::MAX_RESOURCE_BYTES`].
+    resource_limit: Option<usize>,
 }
 
 /// Formats a timestamp as a FHIR instant in UTC with microseconds, for `meta.lastUpdated`.
@@ -156,6 +159,11 @@ impl WriterState {
             return Some(Err(CommandError::CommandIdReused(command_id)));
         }
         Some(Ok(record.results.clone()))
+    }
+
+    /// Lowers the largest resource an event may carry to what the log can store in one entry.
+    pub fn set_resource_limit(&mut self, limit: Option<usize>) {
+        self.resource_limit = limit.map(|limit| limit.min(super::MAX_RESOURCE_BYTES));
     }
 
     /// Returns the number of charts.
@@ -461,10 +469,12 @@ impl WriterState {
             );
         }
         let resource_json = serde_json::Value::Object(stored).to_string();
-        if resource_json.len() > super::MAX_RESOURCE_BYTES {
+        let limit = self.resource_limit.unwrap_or(super::MAX_RESOURCE_BYTES);
+        if resource_json.len() > limit {
             return Err(CommandError::TooLarge {
                 resource_type: resource_type.to_owned(),
                 bytes: resource_json.len(),
+                limit,
             });
         }
 

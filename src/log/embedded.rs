@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use chartlog_schemas::{ChartId, Envelope, EventSeq};
 use tokio::sync::watch;
 
-use super::{AppendError, EventLog, LogPosition, ReadError};
+use super::{AppendError, EventLog, LogPosition, ReadError, RecordedHead};
 
 /// Error from opening the embedded log.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +184,10 @@ impl EmbeddedLog {
 }
 
 impl EventLog for EmbeddedLog {
+    fn recorded_heads(&self) -> Result<Option<Vec<RecordedHead>>, ReadError> {
+        self.chart_heads().map(Some)
+    }
+
     fn append_batch(&self, envelopes: &[Envelope]) -> Result<Vec<LogPosition>, AppendError> {
         let mut next = self.next.lock().expect("log position lock is not poisoned");
         let mut batch = rocksdb::WriteBatch::default();

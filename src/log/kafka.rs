@@ -27,8 +27,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::head_topic::{encode_head, head_topic_name, read_heads, HEAD_PARTITION};
 use super::key_topic::{KeyTopic, KEY_PARTITION};
-use super::{AppendError, EventLog, LogPosition, ReadError};
+use super::{AppendError, EventLog, LogPosition, ReadError, RecordedHead};
 use crate::crypto::KeyStore;
 use chartlog_schemas::KeyId;
 
@@ -42,6 +43,12 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an append waits for its delivered records to leave the producer's count before
 /// committing anyway.
 const FLUSH_SETTLE: Duration = Duration::from_millis(20);
+
+/// librdkafka's default `message.max.bytes`, the largest record the producer sends.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Room left in a record for everything of an envelope but the resource JSON.
+const ENVELOPE_MARGIN: usize = 64 * 1024;
 
 /// How long a read waits for records that are not there yet before returning what it has.
 const READ_POLL: Duration = Duration::from_millis(200);
@@ -275,6 +282,7 @@ impl KafkaLog {
     /// As [`KafkaLog::open`].
     pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
         ensure_topic(&config, &config.topic, "delete").await?;
+        ensure_topic(&config, &head_topic_name(&config.topic), "compact").await?;
         Self::connect(config, false).await
     }
 
@@ -403,8 +411,16 @@ impl KafkaLog {
             let delivery = producer.send_result(record).map_err(|(error, _)| error)?;
             deliveries.push(delivery);
         }
+        let head_deliveries = self.send_heads(producer, envelopes)?;
         let mut positions = Vec::with_capacity(envelopes.len());
         let delivered: Result<Vec<i64>, KafkaError> = self.runtime.block_on(async {
+            for delivery in head_deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((error, _))) => return Err(error),
+                    Err(_) => return Err(KafkaError::Canceled),
+                }
+            }
             for delivery in key_deliveries {
                 match delivery.await {
                     Ok(Ok(_)) => {}
@@ -469,6 +485,35 @@ impl KafkaLog {
             }
         }
         records
+    }
+
+    /// Sends the new head of each chart `envelopes` extend to the head topic, in the producer's
+    /// open transaction.
+    fn send_heads(
+        &self,
+        producer: &FutureProducer,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
+        let mut heads = std::collections::HashMap::new();
+        for envelope in envelopes {
+            // Bytes that are not an envelope (only tests append such) have no chart.
+            if let Ok(parsed) = chartlog_schemas::envelope::parse(&envelope.0) {
+                heads.insert(
+                    parsed.header.chart_id,
+                    encode_head(parsed.header.seq, &parsed.digest),
+                );
+            }
+        }
+        let topic = head_topic_name(&self.config.topic);
+        let mut deliveries = Vec::with_capacity(heads.len());
+        for (chart_id, value) in &heads {
+            let message = FutureRecord::to(&topic)
+                .partition(HEAD_PARTITION)
+                .key(chart_id.as_bytes().as_slice())
+                .payload(value.as_slice());
+            deliveries.push(producer.send_result(message).map_err(|(error, _)| error)?);
+        }
+        Ok(deliveries)
     }
 
     /// Sends key records to the key topic in the producer's open transaction.
@@ -820,6 +865,26 @@ impl EventLog for KafkaLog {
 
     fn complete_ownership(&self) {
         self.owner.store(true, Ordering::SeqCst);
+    }
+
+    fn max_resource_bytes(&self) -> Option<usize> {
+        // A record larger than the producer's `message.max.bytes` is refused by the client, and
+        // the transaction carrying it fails. The margin covers the envelope's header (actor and
+        // purpose strings included), the payload framing, the tag, the digest and the signature.
+        let record_limit = self
+            .config
+            .properties
+            .get("message.max.bytes")
+            .and_then(|value| value.parse::<usize>().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
+        Some(record_limit.saturating_sub(ENVELOPE_MARGIN))
+    }
+
+    fn recorded_heads(&self) -> Result<Option<Vec<RecordedHead>>, ReadError> {
+        read_heads(&self.config).map_err(|source| ReadError {
+            position: LogPosition(0),
+            source: source.into(),
+        })
     }
 
     fn release_ownership(&self) {

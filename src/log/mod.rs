@@ -8,15 +8,19 @@
 //! once it is durable.
 
 pub mod embedded;
+pub mod head_topic;
 pub mod kafka;
 pub mod key_topic;
 pub mod ownership;
 
-use chartlog_schemas::Envelope;
+use chartlog_schemas::{ChartId, Envelope, EventSeq};
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedLog;
 pub use kafka::{KafkaConfig, KafkaLog};
+
+/// A chart's head as recorded beside the log: chart id, last sequence number and digest.
+pub type RecordedHead = (ChartId, EventSeq, [u8; 32]);
 
 /// Position of an entry in the log: 0 for the first entry, then counting up without gaps.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
@@ -95,6 +99,23 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`ReadError`] when the position cannot be determined.
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
         Ok(from)
+    }
+
+    /// Returns the largest resource JSON one entry can carry, leaving room for the envelope's
+    /// header, encryption and signature, when the backend limits entries below
+    /// [`crate::command::MAX_RESOURCE_BYTES`].
+    fn max_resource_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// Returns each chart's last sequence number and digest as recorded beside the log with
+    /// every append, or `None` when the log records none.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError`] when the recorded heads cannot be read.
+    fn recorded_heads(&self) -> Result<Option<Vec<RecordedHead>>, ReadError> {
+        Ok(None)
     }
 
     /// Starts taking over the log from its previous writer: on Kafka, initializes the

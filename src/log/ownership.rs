@@ -69,6 +69,7 @@ impl Role {
 /// The group membership of a node, run by a thread of its own.
 pub struct Ownership {
     role: watch::Receiver<Role>,
+    settled: watch::Receiver<bool>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -188,6 +189,7 @@ impl Ownership {
                 source,
             })?;
         let (role_sender, role) = watch::channel(Role::Undecided);
+        let (settled_sender, settled) = watch::channel(false);
         let stop = Arc::new(AtomicBool::new(false));
         let member = Member {
             consumer,
@@ -197,6 +199,7 @@ impl Ownership {
             log,
             writer,
             role: role_sender,
+            settled: settled_sender,
             stop: stop.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -208,6 +211,7 @@ impl Ownership {
             })?;
         Ok(Ownership {
             role,
+            settled,
             stop,
             thread: Some(thread),
         })
@@ -216,6 +220,12 @@ impl Ownership {
     /// Returns a receiver of this node's role.
     pub fn role(&self) -> watch::Receiver<Role> {
         self.role.clone()
+    }
+
+    /// Returns a receiver that turns true once the group's first assignment has been acted
+    /// on: the node stands by, owns the log, or tried to take it over and failed.
+    pub fn settled(&self) -> watch::Receiver<bool> {
+        self.settled.clone()
     }
 
     /// Leaves the group's poll loop and closes the consumer. Blocks; call it off the async
@@ -247,6 +257,7 @@ struct Member {
     log: Arc<dyn EventLog>,
     writer: WeakWriter,
     role: watch::Sender<Role>,
+    settled: watch::Sender<bool>,
     stop: Arc<AtomicBool>,
 }
 
@@ -268,6 +279,7 @@ impl Member {
                 None => {}
                 Some(true) if self.log.is_owner() => {
                     self.role.send_if_modified(|role| set(role, Role::Owner));
+                    self.settled.send_replace(true);
                 }
                 Some(true) => {
                     let due = last_attempt.is_none_or(|at| at.elapsed() >= RETRY_TAKE_OVER);
@@ -276,6 +288,7 @@ impl Member {
                         self.role
                             .send_if_modified(|role| set(role, Role::Undecided));
                         self.take_over();
+                        self.settled.send_replace(true);
                     }
                 }
                 Some(false) => {
@@ -287,6 +300,7 @@ impl Member {
                         let owner_url = self.lookup_owner();
                         self.role
                             .send_if_modified(|role| set(role, Role::Standby { owner_url }));
+                        self.settled.send_replace(true);
                     }
                 }
             }

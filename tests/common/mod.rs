@@ -87,6 +87,14 @@ impl EventLog for ControlledLog {
         self.inner.resume_position(from)
     }
 
+    fn recorded_heads(&self) -> Result<Option<Vec<chartlog::log::RecordedHead>>, ReadError> {
+        self.inner.recorded_heads()
+    }
+
+    fn max_resource_bytes(&self) -> Option<usize> {
+        self.inner.max_resource_bytes()
+    }
+
     fn begin_ownership(&self) -> Result<(), AppendError> {
         self.inner.begin_ownership()
     }
