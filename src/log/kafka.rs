@@ -40,6 +40,11 @@ const PARTITION: i32 = 0;
 /// a leader election among three brokers, short enough that a client is not kept waiting.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long aborting a failed append may take. An append fails mostly because the broker is
+/// away, and then the abort fails too; a producer that could not abort is replaced anyway, so
+/// waiting longer would only keep the failed append's callers waiting.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long an append waits for its delivered records to leave the producer's count before
 /// committing anyway.
 const FLUSH_SETTLE: Duration = Duration::from_millis(20);
@@ -578,7 +583,7 @@ impl KafkaLog {
             producer.commit_transaction(APPEND_TIMEOUT)
         })();
         if let Err(error) = sent {
-            let _ = producer.abort_transaction(APPEND_TIMEOUT);
+            let _ = producer.abort_transaction(ABORT_TIMEOUT);
             return Err(AppendError::Unavailable(error.into()));
         }
         let count = records.len();
@@ -741,7 +746,7 @@ impl EventLog for KafkaLog {
                     tracing::error!(error = %error, "kafka producer fenced; this node stops writing");
                     self.owner.store(false, Ordering::SeqCst);
                     *slot = None;
-                } else if producer.abort_transaction(APPEND_TIMEOUT).is_err() {
+                } else if producer.abort_transaction(ABORT_TIMEOUT).is_err() {
                     // An aborted transaction leaves nothing visible to read_committed readers.
                     // A producer that cannot abort (the broker is away) is replaced at the next
                     // append, after the check above.
