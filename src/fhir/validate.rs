@@ -1233,7 +1233,17 @@ fn check_text(type_name: &str, text: &str) -> Result<(), String> {
             let bytes = text.as_bytes();
             parse_clock(bytes) == Some(bytes.len())
         }
-        "xhtml" => is_xhtml_div(text),
+        "xhtml" => {
+            if !is_xhtml_div(text) {
+                false
+            } else if let Some(forbidden) = forbidden_narrative_content(text) {
+                return Err(format!(
+                    "invalid xhtml: the narrative contains {forbidden}, which FHIR forbids (no scripts, forms, frames, objects, head, body, base or link elements, and no event attributes)"
+                ));
+            } else {
+                true
+            }
+        }
         _ => true,
     };
     if valid {
@@ -1346,6 +1356,105 @@ fn is_xhtml_div(text: &str) -> bool {
         .and_then(|rest| rest.chars().next())
         .is_some_and(|next| next == '>' || next == '/' || next.is_whitespace());
     opens_div && (trimmed.ends_with("</div>") || trimmed.ends_with("/>"))
+}
+
+/// Elements a narrative must not contain. FHIR R4 defines `Narrative.div` as basic HTML
+/// formatting, links, images and internal stylesheets, without a head, a body, external
+/// stylesheet references, scripts, forms, base or link elements, frames, iframes or objects.
+const FORBIDDEN_NARRATIVE_ELEMENTS: &[&str] = &[
+    "script", "form", "input", "button", "select", "textarea", "option", "iframe", "frame",
+    "frameset", "object", "embed", "applet", "param", "base", "link", "meta", "head", "body",
+    "html",
+];
+
+/// Returns a description of the first element or attribute of `text` that a narrative must
+/// not contain: a forbidden element, an event attribute (`on...`), or a `javascript:` URL.
+/// A lexical scan of the tags, not an XHTML parser.
+fn forbidden_narrative_content(text: &str) -> Option<String> {
+    let lower = text.to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while let Some(start) = rest.find('<') {
+        let tag = &rest[start + 1..];
+        let end = tag.find('>').unwrap_or(tag.len());
+        let inside = &tag[..end];
+        rest = &tag[end..];
+        let inside = inside.trim_start_matches('/');
+        let name: String = inside
+            .chars()
+            .take_while(|character| character.is_ascii_alphanumeric() || *character == ':')
+            .collect();
+        let local = name.rsplit(':').next().unwrap_or_default();
+        if FORBIDDEN_NARRATIVE_ELEMENTS.contains(&local) {
+            return Some(format!("a {local} element"));
+        }
+        for (attribute, value) in tag_attributes(&inside[name.len()..]) {
+            if attribute.starts_with("on") && attribute.len() > 2 {
+                return Some("an event attribute".to_owned());
+            }
+            let compact: String = value
+                .chars()
+                .filter(|character| !character.is_whitespace())
+                .collect();
+            if compact.starts_with("javascript:") || compact.starts_with("vbscript:") {
+                return Some("a script URL".to_owned());
+            }
+        }
+    }
+    None
+}
+
+/// Splits the attribute part of a tag into names and values, honouring quotes, so that text
+/// inside a value is never taken for an attribute.
+fn tag_attributes(text: &str) -> Vec<(&str, &str)> {
+    let bytes = text.as_bytes();
+    let mut attributes = Vec::new();
+    let mut index = 0;
+    while index < bytes.len() {
+        while index < bytes.len() && (bytes[index].is_ascii_whitespace() || bytes[index] == b'/') {
+            index += 1;
+        }
+        let name_start = index;
+        while index < bytes.len()
+            && !bytes[index].is_ascii_whitespace()
+            && bytes[index] != b'='
+            && bytes[index] != b'/'
+        {
+            index += 1;
+        }
+        let name = &text[name_start..index];
+        while index < bytes.len() && bytes[index].is_ascii_whitespace() {
+            index += 1;
+        }
+        let mut value = "";
+        if index < bytes.len() && bytes[index] == b'=' {
+            index += 1;
+            while index < bytes.len() && bytes[index].is_ascii_whitespace() {
+                index += 1;
+            }
+            if index < bytes.len() && (bytes[index] == b'"' || bytes[index] == b'\'') {
+                let quote = bytes[index];
+                let value_start = index + 1;
+                index = value_start;
+                while index < bytes.len() && bytes[index] != quote {
+                    index += 1;
+                }
+                value = &text[value_start..index];
+                index += 1;
+            } else {
+                let value_start = index;
+                while index < bytes.len() && !bytes[index].is_ascii_whitespace() {
+                    index += 1;
+                }
+                value = &text[value_start..index];
+            }
+        }
+        if !name.is_empty() {
+            attributes.push((name, value));
+        } else if index < bytes.len() {
+            index += 1;
+        }
+    }
+    attributes
 }
 
 // Dates and times
@@ -2319,6 +2428,30 @@ mod tests {
         assert!(check_text("time", "10:11").is_err());
         assert!(check_text("time", "25:00:00").is_err());
         assert!(check_text("time", "10:11:12Z").is_err());
+    }
+
+    #[test]
+    fn narrative_with_scripts_is_rejected() {
+        let cases = [
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><script>alert(1)</script></div>", "script element"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><SCRIPT src=\"x.js\"/></div>", "script element"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><p onclick=\"steal()\">x</p></div>", "event attribute"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><img src=\"a.png\" onerror=\"x()\"/></div>", "event attribute"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><a href=\"java script:x\">x</a></div>", "script URL"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><a href=\" JavaScript:x()\">x</a></div>", "script URL"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><iframe src=\"https://example.org\"></iframe></div>", "iframe element"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><form><input/></form></div>", "form element"),
+            ("<div xmlns=\"http://www.w3.org/1999/xhtml\"><h:script xmlns:h=\"http://www.w3.org/1999/xhtml\"/></div>", "script element"),
+        ];
+        for (div, expected) in cases {
+            let resource = patient_with("text", json!({"status": "generated", "div": div}));
+            assert_issue(&resource, IssueCode::Value, "Patient.text.div", expected);
+        }
+        let allowed = "<div xmlns=\"http://www.w3.org/1999/xhtml\"><style>p {color: red}</style><p style=\"color:red\" title=\"see onboarding\">Only <a href=\"https://example.org/info\">one</a> <img src=\"#photo\" alt=\"online\"/> note.</p></div>";
+        assert_valid(&patient_with(
+            "text",
+            json!({"status": "generated", "div": allowed}),
+        ));
     }
 
     #[test]
