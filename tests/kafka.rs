@@ -55,8 +55,18 @@ async fn newer_writer_fences_the_older() {
     .unwrap();
     assert!(accepted.is_ok(), "the new owner appends: {accepted:?}");
 
+    // A read may return fewer entries than there are; read until one comes back empty.
     let entries = tokio::task::spawn_blocking(move || {
-        newer.read_from(chartlog::log::LogPosition(0), 10).unwrap()
+        let mut entries = Vec::new();
+        let mut from = chartlog::log::LogPosition(0);
+        loop {
+            let batch = newer.read_from(from, 10).unwrap();
+            let Some((last, _)) = batch.last() else {
+                break entries;
+            };
+            from = chartlog::log::LogPosition(last.0 + 1);
+            entries.extend(batch);
+        }
     })
     .await
     .unwrap();
@@ -384,6 +394,16 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         caught_up.json["projections"]["chart"]["halted"], false,
         "{}",
         caught_up.text
+    );
+    // The standby's end of the log follows the owner's appends, not only its own.
+    let end_seen = eventually(Duration::from_secs(10), || async {
+        let health = second.call(Method::GET, "/health", None, None, &[]).await;
+        (health.json["log"]["end_position"].as_u64() >= Some(first_end)).then_some(())
+    })
+    .await;
+    assert!(
+        end_seen.is_some(),
+        "the standby's log end stayed behind the owner's"
     );
     let health = second.call(Method::GET, "/health", None, None, &[]).await;
     assert_eq!(health.status, StatusCode::OK, "{}", health.text);

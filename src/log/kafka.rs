@@ -916,6 +916,23 @@ impl EventLog for KafkaLog {
                 _ => None,
             })
             .unwrap_or(from.0);
+        // The end of the log moves with this node's own appends only; on a standby, others
+        // append. Asking the broker here, when a read found nothing new, keeps the end (and so
+        // the lag `/health` reports) current at one small request per idle read.
+        if let Ok((_, high)) =
+            reader
+                .consumer
+                .fetch_watermarks(&self.config.topic, PARTITION, Duration::from_secs(1))
+        {
+            let high = LogPosition(high.max(0) as u64);
+            self.end.send_if_modified(|end| {
+                let moved = high > *end;
+                if moved {
+                    *end = high;
+                }
+                moved
+            });
+        }
         Ok(LogPosition(next.max(from.0)))
     }
 }

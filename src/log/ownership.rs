@@ -90,6 +90,15 @@ struct OwnerContext {
 
 impl ClientContext for OwnerContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::FencedInstanceId) {
+            // Another member joined with this node's group.instance.id, which comes from
+            // DATA/node-id: most likely a copied data directory.
+            tracing::error!(
+                error = %error,
+                "another node uses this node's id; remove node-id from the copied data directory and restart that node"
+            );
+            return;
+        }
         tracing::warn!(error = %error, reason, "kafka group membership error");
     }
 }
