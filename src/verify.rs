@@ -117,19 +117,37 @@ pub fn verify_log(
     }
 
     if let Some(heads) = heads {
+        // Charts with a problem already reported: an altered or forged event there also
+        // leaves the chart short of its head, which is not a removal.
+        let damaged: std::collections::HashSet<ChartId> = report
+            .problems
+            .iter()
+            .filter_map(|problem| problem.chart_id)
+            .collect();
         for (chart_id, seq, digest) in heads {
             let tail = tails.get(chart_id);
             let matches = tail.is_some_and(|tail| tail.seq == *seq && tail.digest == *digest);
             if !matches {
                 let (position, found) =
                     tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
+                let failure = if damaged.contains(chart_id) {
+                    format!(
+                        "chart ends at sequence {found} but its recorded head is sequence {seq}, because of the problems above"
+                    )
+                } else if found == seq.0 {
+                    format!(
+                        "the chart's last event (sequence {found}) is not the one its recorded head names: the event was replaced"
+                    )
+                } else {
+                    format!(
+                        "chart ends at sequence {found} but its recorded head is sequence {seq}: events were removed from its end"
+                    )
+                };
                 report.problems.push(Problem {
                     position,
                     chart_id: Some(*chart_id),
                     seq: Some(found),
-                    failure: format!(
-                        "chart ends at sequence {found} but its recorded head is sequence {seq}: events were removed from its end"
-                    ),
+                    failure,
                 });
             }
         }

@@ -15,6 +15,37 @@ use chartlog::log::{EventLog, KafkaLog};
 use chartlog_schemas::Envelope;
 use common::{patient, TestNode};
 
+/// Starts broker 1 again when dropped while it is stopped, so a test that fails during an
+/// outage does not leave the broker down for the tests after it.
+struct StoppedBroker {
+    restarted: bool,
+}
+
+impl StoppedBroker {
+    fn stop() -> StoppedBroker {
+        kafka_script(&["stop-broker", "1"]);
+        StoppedBroker { restarted: false }
+    }
+
+    fn start(mut self) {
+        self.restart();
+    }
+
+    fn restart(&mut self) {
+        if !self.restarted {
+            self.restarted = true;
+            kafka_script(&["start-broker", "1"]);
+            kafka_script(&["wait", "--timeout", "90"]);
+        }
+    }
+}
+
+impl Drop for StoppedBroker {
+    fn drop(&mut self) {
+        self.restart();
+    }
+}
+
 fn kafka_script(arguments: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/compose/kafka.sh");
     let status = Process::new("bash")
@@ -95,7 +126,7 @@ async fn broker_outage_fails_writes_then_recovers() {
         .create(&patient("Before", "Outage", "1970-01-01"))
         .await;
 
-    kafka_script(&["stop-broker", "1"]);
+    let outage = StoppedBroker::stop();
     let reply = node
         .post(
             "/fhir/Patient",
@@ -123,8 +154,7 @@ async fn broker_outage_fails_writes_then_recovers() {
         health.text
     );
 
-    kafka_script(&["start-broker", "1"]);
-    kafka_script(&["wait", "--timeout", "90"]);
+    outage.start();
     let deadline = Instant::now() + Duration::from_secs(90);
     let recovered = loop {
         let reply = node

@@ -131,6 +131,27 @@ fn altered_byte_is_named() {
 }
 
 #[test]
+fn altered_last_event_is_not_called_a_removal() {
+    let (dir, positions) = sample();
+    {
+        let db = open_log_db(dir.path());
+        let last = *positions.last().unwrap();
+        let mut bytes = db.get(key(last)).unwrap().unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        db.put(key(last), bytes).unwrap();
+    }
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "an altered last event went unnoticed: {output}");
+    assert!(output.contains("sequence 6"), "{output}");
+    assert!(
+        !output.contains("events were removed"),
+        "an altered event was reported as removed: {output}"
+    );
+    assert!(output.contains("because of the problems above"), "{output}");
+}
+
+#[test]
 fn removed_event_is_named() {
     let (dir, positions) = sample();
     {

@@ -349,16 +349,18 @@ async fn health(
     let writer_healthy = state.writer.is_healthy();
     let accepting = writer_healthy && matches!(role, None | Some(Role::Owner));
     let journaled = *state.access_journal.pending().borrow();
-    // A standby is healthy: it follows the log and sends clients to the owner.
-    let (code, node_state) = if status.halted.is_some()
-        || !writer_healthy
-        || journaled > 0
-        || role == Some(Role::Undecided)
-    {
-        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
-    } else {
-        (axum::http::StatusCode::OK, "ok")
-    };
+    // A standby that knows the owner is healthy: it follows the log and sends clients there.
+    // One that knows none cannot have a write served anywhere.
+    let no_owner_known = matches!(
+        role,
+        Some(Role::Undecided | Role::Standby { owner_url: None })
+    );
+    let (code, node_state) =
+        if status.halted.is_some() || !writer_healthy || journaled > 0 || no_owner_known {
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
+        } else {
+            (axum::http::StatusCode::OK, "ok")
+        };
     let ownership = match &role {
         None => serde_json::Value::Null,
         Some(Role::Standby { owner_url }) => {
