@@ -375,6 +375,10 @@ impl Node {
                 );
             }
         }
+        let failure = node.membership.as_ref().and_then(Ownership::failure);
+        if let Some(failure) = failure {
+            anyhow::bail!("cannot join the Kafka owner group: {failure}");
+        }
         Ok(node)
     }
 

@@ -750,3 +750,26 @@ async fn forged_head_reveals_removed_events() {
         owner.text
     );
 }
+
+#[tokio::test]
+async fn refused_session_timeout_stops_the_start() {
+    let mut kafka =
+        common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    // Below the broker's group.min.session.timeout.ms (6 s by default).
+    kafka
+        .properties
+        .insert("session.timeout.ms".into(), "1000".into());
+    let dir = tempfile::tempdir().unwrap();
+    let config = chartlog::node::NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        kek_file: None,
+        kafka: Some(kafka),
+        url: Some(common::BASE.to_owned()),
+    };
+    let error = chartlog::node::Node::open(&config)
+        .await
+        .err()
+        .expect("a node started with a session timeout the broker refuses");
+    let message = format!("{error:#}");
+    assert!(message.contains("Invalid session timeout"), "{message}");
+}

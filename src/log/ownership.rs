@@ -70,6 +70,7 @@ impl Role {
 pub struct Ownership {
     role: watch::Receiver<Role>,
     settled: watch::Receiver<bool>,
+    failure: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -86,6 +87,8 @@ struct OwnerContext {
     partition: i32,
     log: Arc<dyn EventLog>,
     assignment: Mutex<Assignment>,
+    /// A broker error that no retry can change, such as a refused session timeout.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl ClientContext for OwnerContext {
@@ -97,6 +100,20 @@ impl ClientContext for OwnerContext {
                 error = %error,
                 "another node uses this node's id; remove node-id from the copied data directory and restart that node"
             );
+            return;
+        }
+        let permanent = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                rdkafka::types::RDKafkaErrorCode::InvalidSessionTimeout
+                    | rdkafka::types::RDKafkaErrorCode::GroupAuthorizationFailed
+            )
+        );
+        if permanent {
+            let mut failure = self.failure.lock().expect("failure lock is not poisoned");
+            if failure.is_none() {
+                *failure = Some(format!("{reason} ({error})"));
+            }
             return;
         }
         tracing::warn!(error = %error, reason, "kafka group membership error");
@@ -178,11 +195,13 @@ impl Ownership {
         if !config.properties.contains_key("session.timeout.ms") {
             client.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
         }
+        let failure = Arc::new(Mutex::new(None));
         let context = OwnerContext {
             topic: config.topic.clone(),
             partition,
             log: log.clone(),
             assignment: Mutex::new(Assignment::default()),
+            failure: failure.clone(),
         };
         let consumer: BaseConsumer<OwnerContext> =
             client
@@ -221,6 +240,7 @@ impl Ownership {
         Ok(Ownership {
             role,
             settled,
+            failure,
             stop,
             thread: Some(thread),
         })
@@ -229,6 +249,15 @@ impl Ownership {
     /// Returns a receiver of this node's role.
     pub fn role(&self) -> watch::Receiver<Role> {
         self.role.clone()
+    }
+
+    /// Returns why the node cannot be a member of the group at all, such as a session timeout
+    /// the broker refuses; the membership thread has stopped then.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .expect("failure lock is not poisoned")
+            .clone()
     }
 
     /// Returns a receiver that turns true once the group's first assignment has been acted
@@ -277,6 +306,21 @@ impl Member {
         while !self.stop.load(Ordering::SeqCst) {
             // Records of paused partitions never arrive; the poll serves the group's events.
             let _ = self.consumer.poll(POLL_INTERVAL);
+            let failure = self
+                .consumer
+                .context()
+                .failure
+                .lock()
+                .expect("failure lock is not poisoned")
+                .clone();
+            if let Some(failure) = failure {
+                tracing::error!(
+                    failure,
+                    "cannot join the kafka owner group; this node will not write"
+                );
+                self.settled.send_replace(true);
+                break;
+            }
             let has_partition = self
                 .consumer
                 .context()
