@@ -186,8 +186,14 @@ pub(crate) fn check_heads(
             .chart(*chart_id)
             .is_some_and(|head| head.seq == *seq && head.digest == *digest);
         if !matches {
+            let found = state.chart(*chart_id).map_or(0, |head| head.seq.0);
+            if found > seq.0 {
+                anyhow::bail!(
+                    "chart {chart_id} continues to sequence {found} past its recorded head (sequence {seq}): the recorded heads were rolled back or altered; run chartlog-replay verify"
+                );
+            }
             anyhow::bail!(
-                "chart {chart_id} ends before its recorded head (sequence {seq}): events were removed from the log; run chartlog-replay verify"
+                "chart {chart_id} does not end at its recorded head (sequence {seq}, found {found}): events were removed or altered; run chartlog-replay verify"
             );
         }
     }

@@ -134,6 +134,10 @@ pub fn verify_log(
                     format!(
                         "chart ends at sequence {found} but its recorded head is sequence {seq}, because of the problems above"
                     )
+                } else if found > seq.0 {
+                    format!(
+                        "chart continues to sequence {found} past its recorded head, sequence {seq}: the recorded heads were rolled back or altered"
+                    )
                 } else if found == seq.0 {
                     format!(
                         "the chart's last event (sequence {found}) is not the one its recorded head names: the event was replaced"

@@ -355,12 +355,17 @@ async fn health(
         role,
         Some(Role::Undecided | Role::Standby { owner_url: None })
     );
-    let (code, node_state) =
-        if status.halted.is_some() || !writer_healthy || journaled > 0 || no_owner_known {
-            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
-        } else {
-            (axum::http::StatusCode::OK, "ok")
-        };
+    // Only the owner appends, so only the owner's last append says anything about health.
+    let is_owner = matches!(role, None | Some(Role::Owner));
+    let (code, node_state) = if status.halted.is_some()
+        || (is_owner && !writer_healthy)
+        || journaled > 0
+        || no_owner_known
+    {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    } else {
+        (axum::http::StatusCode::OK, "ok")
+    };
     let ownership = match &role {
         None => serde_json::Value::Null,
         Some(Role::Standby { owner_url }) => {

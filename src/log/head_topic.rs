@@ -55,8 +55,8 @@ fn decode_head(key: &[u8], value: &[u8]) -> Option<RecordedHead> {
 ///
 /// # Errors
 ///
-/// The Kafka error when the topic cannot be read, or [`KafkaError::Canceled`] when a record is
-/// malformed or the read timed out.
+/// The Kafka error when the topic cannot be read, or [`KafkaError::Canceled`] when the read
+/// timed out. Malformed records are logged with their offset and skipped.
 pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, KafkaError> {
     let name = head_topic_name(&config.topic);
     let consumer = reader_consumer(config).map_err(|_| KafkaError::Canceled)?;
@@ -81,15 +81,28 @@ pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, Kaf
         loop {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
-                    let head = decode_head(
-                        message.key().unwrap_or_default(),
-                        message.payload().unwrap_or_default(),
-                    );
-                    let Some((chart_id, seq, digest)) = head else {
-                        tracing::error!(offset = message.offset(), "malformed chart head record");
-                        return Err(KafkaError::Canceled);
-                    };
-                    heads.insert(chart_id, (seq, digest));
+                    let key = message.key().unwrap_or_default();
+                    match (message.payload(), <[u8; 16]>::try_from(key)) {
+                        // A tombstone removes the chart's head, as compaction will.
+                        (None, Ok(chart)) => {
+                            tracing::warn!(
+                                offset = message.offset(),
+                                "chart head removed by a tombstone; that chart's end is not checked"
+                            );
+                            heads.remove(&ChartId::from_bytes(chart));
+                        }
+                        (payload, _) => match decode_head(key, payload.unwrap_or_default()) {
+                            Some((chart_id, seq, digest)) => {
+                                heads.insert(chart_id, (seq, digest));
+                            }
+                            // Nothing Chartlog writes looks like this. Skipping it keeps every
+                            // valid head checked; stopping here would stop every take-over.
+                            None => tracing::error!(
+                                offset = message.offset(),
+                                "malformed chart head record skipped"
+                            ),
+                        },
+                    }
                     if message.offset() + 1 >= high {
                         break;
                     }
