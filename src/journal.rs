@@ -326,6 +326,20 @@ impl PendingAccess {
     }
 }
 
+/// Runs a journal write off the async runtime; a failed write and a failed task both come
+/// back as the error's text.
+async fn blocking(
+    journal: &Arc<AccessJournal>,
+    write: impl FnOnce(&AccessJournal) -> Result<(), JournalError> + Send + 'static,
+) -> Result<(), String> {
+    let journal = journal.clone();
+    match tokio::task::spawn_blocking(move || write(&journal)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 /// Submits one round of waiting entries and deletes those now on the log. Returns how many
 /// were recorded and whether any entry stays for a later round.
 async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, bool) {
@@ -351,15 +365,9 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
                 "journaled access cannot be opened (altered, or its chart's data key is gone); moving it to quarantine"
             );
         }
-        let journal_ref = journal.clone();
         let unreadable = oldest.unreadable;
-        let moved = tokio::task::spawn_blocking(move || journal_ref.quarantine(&unreadable)).await;
-        let failure = match moved {
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(error.to_string()),
-            Err(error) => Some(error.to_string()),
-        };
-        if let Some(error) = failure {
+        let moved = blocking(journal, move |journal| journal.quarantine(&unreadable)).await;
+        if let Err(error) = moved {
             tracing::error!(error, "quarantining journaled accesses failed; they stay");
             return (0, true);
         }
@@ -398,14 +406,8 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
     }
     let count = recorded.len();
     if !recorded.is_empty() {
-        let journal = journal.clone();
-        let removed = tokio::task::spawn_blocking(move || journal.remove(&recorded)).await;
-        let failure = match removed {
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(error.to_string()),
-            Err(error) => Some(error.to_string()),
-        };
-        if let Some(error) = failure {
+        let removed = blocking(journal, move |journal| journal.remove(&recorded)).await;
+        if let Err(error) = removed {
             tracing::error!(error, "access journal entries recorded on the log but not deleted; they will be submitted again");
             stalled = true;
         }

@@ -62,7 +62,7 @@ struct CommandRequest {
     reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
 }
 
-/// What the writer thread is asked to do.
+/// A request to the writer thread.
 enum Request {
     /// Plan, seal and append a command.
     Command(CommandRequest),

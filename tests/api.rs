@@ -526,9 +526,9 @@ async fn journaled_access_survives_restart_once() {
 #[tokio::test]
 async fn unreadable_journal_entry_is_quarantined() {
     let node = TestNode::start().await;
-    let kept = node.create(&patient("Kept", "Entry", "1970-02-02")).await;
-    let (altered, _) = read_while_log_fails(&node, "Altered").await;
-    let reply = node.get(&format!("/fhir/Patient/{kept}")).await;
+    let readable_id = node.create(&patient("Kept", "Entry", "1970-02-02")).await;
+    let (altered_id, _) = read_while_log_fails(&node, "Altered").await;
+    let reply = node.get(&format!("/fhir/Patient/{readable_id}")).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     let (dir, kafka) = node.stop().await;
 
@@ -560,9 +560,9 @@ async fn unreadable_journal_entry_is_quarantined() {
         "{}",
         metrics.text
     );
-    let trail = node.access_log(&kept).await;
+    let trail = node.access_log(&readable_id).await;
     assert_eq!(TestNode::served_during_outage(&trail), 1, "{}", trail.text);
-    let trail = node.access_log(&altered).await;
+    let trail = node.access_log(&altered_id).await;
     assert_eq!(TestNode::served_during_outage(&trail), 0, "{}", trail.text);
 
     // The quarantined entry stays aside, and is not submitted, after a restart.
@@ -1068,7 +1068,7 @@ async fn oversized_resource_is_rejected_and_writer_survives() {
 }
 
 #[tokio::test]
-async fn resource_larger_than_a_log_entry_is_rejected_alone() {
+async fn oversized_log_entry_rejected_alone() {
     let node = TestNode::start().await;
     let mut big = patient("Big", "Entry", "1970-01-01");
     big["name"][0]["family"] = json!("B".repeat(2 * 1024 * 1024));

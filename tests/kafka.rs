@@ -376,7 +376,7 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         .create(&common::weight(&patient_id, "60.0", "2024-01-01T00:00:00Z"))
         .await;
 
-    // The second node stands by and sends clients to the first, reads and writes alike.
+    // The second node is a standby and sends clients to the first, reads and writes alike.
     let second = TestNode::start_at(second_dir, Some(kafka.clone()), SECOND).await;
     let redirected = eventually(Duration::from_secs(20), || async {
         let reply = post_weight(&second, &patient_id, "60.5", "2024-01-01T12:00:00Z").await;

@@ -234,7 +234,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Sends every FHIR request but `metadata` to the node that owns the Kafka log: a standby
-/// that has found the owner answers 307 to the owner's URL (the method and body go with a 307).
+/// that has found the owner responds with 307 to the owner's URL (the method and body go with a 307).
 /// Every read appends its access event, so reads go to the owner too. While no owner is known
 /// (the group is deciding, or the broker is away), the node serves requests itself: its writes
 /// answer 503, and its reads are served with their accesses journaled.
@@ -259,11 +259,13 @@ async fn route_to_owner(
     };
     let Some(owner_url) = owner_url else {
         // No owner known. This node's writer state is empty or stale unless it owns the log,
-        // so a write checked against it would get a wrong answer (a missing reference, a
-        // stale version): refuse writes until the log is taken over, and serve reads.
+        // so a write checked against it would get a wrong result (a missing reference,
+        // a stale version). Writes are rejected until the log is taken over; reads are served.
         if is_write(&request) && !state.log.is_owner() {
-            return ApiError::unavailable("no node holds the log at the moment; retry shortly")
-                .into_response();
+            return ApiError::unavailable(
+                "no owner of the log is known at the moment; retry shortly",
+            )
+            .into_response();
         }
         return next.run(request).await;
     };
@@ -349,13 +351,13 @@ async fn health(
     let writer_healthy = state.writer.is_healthy();
     let accepting = writer_healthy && matches!(role, None | Some(Role::Owner));
     let journaled = *state.access_journal.pending().borrow();
-    // A standby that knows the owner is healthy: it follows the log and sends clients there.
-    // One that knows none cannot have a write served anywhere.
+    // A standby that has found the owner is healthy, because it follows the log and sends
+    // clients there. One that has found none cannot have a write served anywhere.
     let no_owner_known = matches!(
         role,
         Some(Role::Undecided | Role::Standby { owner_url: None })
     );
-    // Only the owner appends, so only the owner's last append says anything about health.
+    // Only the owner appends, so only the owner's last append matters for health.
     let is_owner = matches!(role, None | Some(Role::Owner));
     let (code, node_state) = if status.halted.is_some()
         || (is_owner && !writer_healthy)

@@ -22,7 +22,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -41,7 +41,7 @@ const PARTITION: i32 = 0;
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long aborting a failed append may take. An append fails mostly because the broker is
-/// away, and then the abort fails too; a producer that could not abort is replaced anyway, so
+/// away, and then the abort fails too. A producer that could not abort is replaced anyway, so
 /// waiting longer would only keep the failed append's callers waiting.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -201,6 +201,27 @@ pub struct KafkaLog {
     /// The key store and key topic that share new charts' data keys with the other nodes, once
     /// attached.
     keys: Option<SharedKeys>,
+}
+
+/// What an append needs of each envelope's clear header.
+struct EnvelopeFacts {
+    chart_id: chartlog_schemas::ChartId,
+    key_id: KeyId,
+    seq: chartlog_schemas::EventSeq,
+    digest: [u8; 32],
+}
+
+/// Waits for every delivery report and returns the offsets the records got.
+async fn delivered(deliveries: Vec<DeliveryFuture>) -> Result<Vec<i64>, KafkaError> {
+    let mut offsets = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(delivery)) => offsets.push(delivery.offset),
+            Ok(Err((error, _))) => return Err(error),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(offsets)
 }
 
 /// The key store and the key topic the writer publishes new data keys through.
@@ -401,13 +422,29 @@ impl KafkaLog {
         producer: &FutureProducer,
         envelopes: &[Envelope],
     ) -> Result<Vec<LogPosition>, KafkaError> {
+        // Each envelope is parsed once, for its record key, its data key and its chart's head.
+        // Bytes that are not an envelope (only tests append such) have no chart.
+        let headers: Vec<Option<EnvelopeFacts>> = envelopes
+            .iter()
+            .map(|envelope| {
+                chartlog_schemas::envelope::parse(&envelope.0)
+                    .ok()
+                    .map(|parsed| EnvelopeFacts {
+                        chart_id: parsed.header.chart_id,
+                        key_id: parsed.header.key_id,
+                        seq: parsed.header.seq,
+                        digest: parsed.digest,
+                    })
+            })
+            .collect();
         producer.begin_transaction()?;
-        let new_keys = self.unpublished_keys(envelopes);
+        let new_keys = self.unpublished_keys(&headers);
         let key_deliveries = self.send_keys(producer, &new_keys)?;
         let mut deliveries = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            let key = chartlog_schemas::envelope::parse(&envelope.0)
-                .map(|parsed| parsed.header.chart_id.as_bytes().to_vec())
+        for (envelope, facts) in envelopes.iter().zip(&headers) {
+            let key = facts
+                .as_ref()
+                .map(|facts| facts.chart_id.as_bytes().to_vec())
                 .unwrap_or_default();
             let record = FutureRecord::to(&self.config.topic)
                 .partition(PARTITION)
@@ -416,36 +453,16 @@ impl KafkaLog {
             let delivery = producer.send_result(record).map_err(|(error, _)| error)?;
             deliveries.push(delivery);
         }
-        let head_deliveries = self.send_heads(producer, envelopes)?;
-        let mut positions = Vec::with_capacity(envelopes.len());
-        let delivered: Result<Vec<i64>, KafkaError> = self.runtime.block_on(async {
-            for delivery in head_deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((error, _))) => return Err(error),
-                    Err(_) => return Err(KafkaError::Canceled),
-                }
-            }
-            for delivery in key_deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((error, _))) => return Err(error),
-                    Err(_) => return Err(KafkaError::Canceled),
-                }
-            }
-            let mut offsets = Vec::with_capacity(deliveries.len());
-            for delivery in deliveries {
-                match delivery.await {
-                    Ok(Ok(delivered)) => offsets.push(delivered.offset),
-                    Ok(Err((error, _))) => return Err(error),
-                    Err(_) => return Err(KafkaError::Canceled),
-                }
-            }
-            Ok(offsets)
-        });
-        for offset in delivered? {
-            positions.push(LogPosition(offset as u64));
-        }
+        let head_deliveries = self.send_heads(producer, &headers)?;
+        let offsets = self.runtime.block_on(async {
+            delivered(head_deliveries).await?;
+            delivered(key_deliveries).await?;
+            delivered(deliveries).await
+        })?;
+        let positions = offsets
+            .into_iter()
+            .map(|offset| LogPosition(offset as u64))
+            .collect();
         // rdkafka's commit first flushes, and its flush polls for a fixed 100 ms whenever a
         // record is still counted as outstanding, which it is for a moment after its delivery
         // report. Waiting here for the count to reach zero is far shorter than that poll.
@@ -461,19 +478,16 @@ impl KafkaLog {
         Ok(positions)
     }
 
-    /// Returns the wrapped records of the data keys `envelopes` use that the key topic does
-    /// not hold yet.
-    fn unpublished_keys(&self, envelopes: &[Envelope]) -> Vec<(KeyId, Vec<u8>)> {
+    /// Returns the wrapped records of the data keys the batch uses that the key topic does not
+    /// hold yet.
+    fn unpublished_keys(&self, headers: &[Option<EnvelopeFacts>]) -> Vec<(KeyId, Vec<u8>)> {
         let Some(keys) = &self.keys else {
             return Vec::new();
         };
         let mut seen = std::collections::HashSet::new();
         let mut records = Vec::new();
-        for envelope in envelopes {
-            let Ok(parsed) = chartlog_schemas::envelope::parse(&envelope.0) else {
-                continue;
-            };
-            let key_id = parsed.header.key_id;
+        for facts in headers.iter().flatten() {
+            let key_id = facts.key_id;
             if !seen.insert(key_id) || keys.topic.is_published(key_id) {
                 continue;
             }
@@ -492,22 +506,16 @@ impl KafkaLog {
         records
     }
 
-    /// Sends the new head of each chart `envelopes` extend to the head topic, in the producer's
+    /// Sends the new head of each chart the batch extends to the head topic, in the producer's
     /// open transaction.
     fn send_heads(
         &self,
         producer: &FutureProducer,
-        envelopes: &[Envelope],
-    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
+        headers: &[Option<EnvelopeFacts>],
+    ) -> Result<Vec<DeliveryFuture>, KafkaError> {
         let mut heads = std::collections::HashMap::new();
-        for envelope in envelopes {
-            // Bytes that are not an envelope (only tests append such) have no chart.
-            if let Ok(parsed) = chartlog_schemas::envelope::parse(&envelope.0) {
-                heads.insert(
-                    parsed.header.chart_id,
-                    encode_head(parsed.header.seq, &parsed.digest),
-                );
-            }
+        for facts in headers.iter().flatten() {
+            heads.insert(facts.chart_id, encode_head(facts.seq, &facts.digest));
         }
         let topic = head_topic_name(&self.config.topic);
         let mut deliveries = Vec::with_capacity(heads.len());
@@ -526,7 +534,7 @@ impl KafkaLog {
         &self,
         producer: &FutureProducer,
         records: &[(KeyId, Vec<u8>)],
-    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
+    ) -> Result<Vec<DeliveryFuture>, KafkaError> {
         let Some(keys) = &self.keys else {
             return Ok(Vec::new());
         };
@@ -570,16 +578,7 @@ impl KafkaLog {
         let sent = (|| {
             producer.begin_transaction()?;
             let deliveries = self.send_keys(producer, &records)?;
-            self.runtime.block_on(async {
-                for delivery in deliveries {
-                    match delivery.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err((error, _))) => return Err(error),
-                        Err(_) => return Err(KafkaError::Canceled),
-                    }
-                }
-                Ok(())
-            })?;
+            self.runtime.block_on(delivered(deliveries))?;
             producer.commit_transaction(APPEND_TIMEOUT)
         })();
         if let Err(error) = sent {
@@ -695,7 +694,7 @@ impl EventLog for KafkaLog {
         let mut slot = self.producer.lock().expect("producer lock is not poisoned");
         if slot.is_none() {
             // Taking the transactional id back fences the producer that has it now. That is
-            // safe only if nobody else wrote since this node's last commit: otherwise this
+            // safe only if no other node wrote since this node's last commit: otherwise this
             // node's chart heads are stale, and writing would fork a chain. The partition is
             // then taken over again only after the state is rebuilt.
             if self

@@ -1,5 +1,5 @@
-//! Which node writes the Kafka log: the members of one consumer group, and the node the group
-//! assigns the partition to.
+//! Ownership of the Kafka log: the members of one consumer group, and the node the group
+//! assigns the partition to, which is the one that writes.
 //!
 //! Every node joins the group `chartlog-owners.TOPIC` and subscribes to the event topic. It
 //! never reads records through this consumer, because only the assignment matters: the
@@ -252,7 +252,7 @@ impl Ownership {
     }
 
     /// Returns why the node cannot be a member of the group at all, such as a session timeout
-    /// the broker refuses; the membership thread has stopped then.
+    /// the broker rejects. The membership thread has stopped then.
     pub fn failure(&self) -> Option<String> {
         self.failure
             .lock()
@@ -261,7 +261,7 @@ impl Ownership {
     }
 
     /// Returns a receiver that turns true once the group's first assignment has been acted
-    /// on: the node stands by, owns the log, or tried to take it over and failed.
+    /// on: the node is a standby, owns the log, or tried to take it over and failed.
     pub fn settled(&self) -> watch::Receiver<bool> {
         self.settled.clone()
     }

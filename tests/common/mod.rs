@@ -138,7 +138,7 @@ impl TestNode {
         Self::start_at(dir, kafka, BASE).await
     }
 
-    /// Starts a node like [`TestNode::start_in`] that tells clients it is reached at `url`.
+    /// Starts a node like [`TestNode::start_in`] whose base URL is `url`.
     pub async fn start_at(
         dir: tempfile::TempDir,
         kafka: Option<chartlog::log::KafkaConfig>,
