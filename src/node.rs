@@ -227,7 +227,8 @@ impl Node {
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
 
         let key_paths = config.key_paths();
-        let (keys, created) = KeyStore::open(&key_paths, !key_paths.is_initialized())
+        let initialized = key_paths.is_initialized();
+        let (keys, created) = KeyStore::open(&key_paths, !initialized)
             .map_err(anyhow::Error::from)
             .map_err(|error| explain_lock(error, &data_dir))?;
         for path in &created {
@@ -238,10 +239,10 @@ impl Node {
         let (log, heads, partition): (Arc<dyn EventLog>, Option<Vec<_>>, Option<i32>) =
             match &config.kafka {
                 None => {
-                    // A data directory whose keys exist was initialized with a log: a missing log
-                    // is lost data, never a reason to start an empty one.
+                    // A data directory whose key database exists was initialized with a log: a
+                    // missing log is lost data, never a reason to start an empty one.
                     let log_dir = config.log_dir();
-                    if created.is_empty() && !log_dir.exists() {
+                    if initialized && !log_dir.exists() {
                         anyhow::bail!(
                         "the log at {} is missing; this data directory was initialized with one, so restore it from a backup",
                         log_dir.display()

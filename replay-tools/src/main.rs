@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use chartlog::crypto::keystore::KeyPaths;
+use chartlog::crypto::keystore::{KeyPaths, KeyStoreError};
 use chartlog::crypto::KeyStore;
 use chartlog::log::key_topic::KeyTopic;
 use chartlog::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
@@ -28,7 +28,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Checks every signature, hash-chain link, sequence number and payload of the log, and
-    /// that each chart ends at its recorded head. Exits 0 when all hold, 1 otherwise.
+    /// that each chart ends at its recorded head. Exits 0 when all hold, 1 when any does not,
+    /// and 2 when the log or the keys cannot be read.
     /// Safe to run while a server uses the data directory.
     Verify {
         /// Data directory of the node.
@@ -98,12 +99,22 @@ fn main() {
     }
 }
 
-fn open_keys(data: &Path, key_file: Option<PathBuf>) -> anyhow::Result<KeyStore> {
+fn open_keys(
+    data: &Path,
+    key_file: Option<PathBuf>,
+    pinned: Option<chartlog::crypto::TrustedSigners>,
+) -> anyhow::Result<KeyStore> {
     if !data.is_dir() {
         anyhow::bail!("data directory {} does not exist", data.display());
     }
-    KeyStore::open_read_only(&KeyPaths::under(data, key_file))
-        .with_context(|| format!("cannot open the key store of {}", data.display()))
+    match KeyStore::open_read_only(&KeyPaths::under(data, key_file), pinned) {
+        Err(error @ KeyStoreError::NoTrustedSigners(_)) => {
+            anyhow::bail!("{error}; name the signers to trust with --trusted-signers FILE")
+        }
+        opened => {
+            opened.with_context(|| format!("cannot open the key store of {}", data.display()))
+        }
+    }
 }
 
 fn format_timestamp(timestamp: Option<HlcTimestamp>) -> String {
@@ -178,10 +189,8 @@ fn verify(
     pinned: Option<&Path>,
     backend: &str,
 ) -> anyhow::Result<bool> {
-    let mut keys = open_keys(data, key_file.clone())?;
-    if let Some(path) = pinned {
-        keys.set_trusted_signers(read_trusted_signers(path)?);
-    }
+    let pinned = pinned.map(read_trusted_signers).transpose()?;
+    let keys = open_keys(data, key_file.clone(), pinned)?;
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: key_file,
@@ -260,7 +269,7 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
             })?;
             // The copied events' data keys go to the key topic with them, so every node on
             // the topic can open them.
-            let keys = open_keys(data, None)?;
+            let keys = open_keys(data, None, None)?;
             let key_topic = runtime
                 .block_on(KeyTopic::open(&settings, true))
                 .context("cannot open the key topic")?;
@@ -307,7 +316,7 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
 }
 
 fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Result<bool> {
-    let keys = open_keys(data, key_file.clone())?;
+    let keys = open_keys(data, key_file.clone(), None)?;
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: key_file,

@@ -244,6 +244,79 @@ fn verify_of_missing_directory_fails_cleanly() {
     assert_eq!(output.lines().count(), 1, "a one-line message: {output}");
 }
 
+/// Copies a directory tree, file by file.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn auditor_without_the_signing_key_verifies_and_writes_nothing() {
+    let (dir, _) = sample();
+    // The auditor's copy: everything but the node's private signing key.
+    let audit = tempfile::tempdir().unwrap();
+    copy_tree(dir.path(), audit.path());
+    let signing_key = audit.path().join("keys/node-signing.key");
+    std::fs::remove_file(&signing_key).unwrap();
+    let (ok, output) = run_verify(audit.path());
+    assert!(ok, "{output}");
+    assert!(!signing_key.exists(), "verify created a signing key");
+
+    // Without the trusted signers file nothing names a key to trust.
+    std::fs::remove_file(audit.path().join("keys/trusted-signers")).unwrap();
+    let (ok, output) = run_verify(audit.path());
+    assert!(!ok);
+    assert!(output.contains("no trusted signers"), "{output}");
+    assert_eq!(output.lines().count(), 1, "a one-line message: {output}");
+}
+
+#[test]
+fn verify_before_the_first_start_leaves_the_node_able_to_start() {
+    // A new node's directory holds only the key files it shares with the others.
+    let (dir, _) = sample();
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(fresh.path().join("keys")).unwrap();
+    for name in ["kek.key", "node-signing.key", "trusted-signers"] {
+        std::fs::copy(
+            dir.path().join("keys").join(name),
+            fresh.path().join("keys").join(name),
+        )
+        .unwrap();
+    }
+    let output = Process::new(env!("CARGO_BIN_EXE_chartlog-replay"))
+        .args(["verify", "--data"])
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "there is no log to read");
+    assert!(
+        !fresh.path().join("keys/data-keys").exists(),
+        "verify created the key database"
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = NodeConfig {
+            data_dir: fresh.path().to_path_buf(),
+            kek_file: None,
+            kafka: None,
+            url: None,
+        };
+        let node = Node::open(&config)
+            .await
+            .expect("the node starts after a verify");
+        node.shutdown().await;
+    });
+}
+
 #[test]
 fn pinned_signers_reject_the_directory_key() {
     let (dir, _) = sample();

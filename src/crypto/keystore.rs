@@ -70,6 +70,12 @@ pub enum KeyStoreError {
     /// A data key shared by another node is wrapped by a different key-encryption key.
     #[error("data key {0} is wrapped by another key-encryption key; every node on one log must use the same key-encryption key")]
     ForeignKek(KeyId),
+    /// A store opened for reading was asked to store a key.
+    #[error("the key store is open for reading only")]
+    ReadOnly,
+    /// A reader has neither the node's signing key nor a list of signers to trust.
+    #[error("no trusted signers: {0} is missing and so is the node's signing key")]
+    NoTrustedSigners(PathBuf),
     /// The source of shared data keys could not be read; a later attempt may succeed.
     #[error("shared data keys could not be read: {0}")]
     Source(String),
@@ -133,9 +139,10 @@ impl KeyPaths {
     }
 
     /// Returns whether the key store was created already: then missing key files are an
-    /// error, never a reason to make new ones.
+    /// error, never a reason to make new ones. An empty database directory, as an interrupted
+    /// first start leaves, does not count.
     pub fn is_initialized(&self) -> bool {
-        self.data_keys().exists()
+        fs::read_dir(self.data_keys()).is_ok_and(|mut entries| entries.next().is_some())
     }
 }
 
@@ -145,7 +152,10 @@ pub struct KeyStore {
     kek_fingerprint: [u8; 8],
     signer: NodeSigner,
     trusted: TrustedSigners,
-    db: rocksdb::DB,
+    /// The wrapped data keys; `None` only for a read-only open of a data directory whose key
+    /// database was never created (a verifier reading a Kafka log takes its keys from the key
+    /// topic).
+    db: Option<rocksdb::DB>,
     db_path: PathBuf,
     cache: RwLock<HashMap<KeyId, Arc<SymmetricKey>>>,
     chart_keys: RwLock<HashMap<ChartId, KeyId>>,
@@ -235,6 +245,7 @@ impl KeyStore {
             created.push(paths.kek_file.clone());
         }
         let (seed, seed_new) = load_or_create(&paths.signing_key(), create)?;
+        let seed = Some(seed);
         if seed_new {
             created.push(paths.signing_key());
         }
@@ -246,45 +257,76 @@ impl KeyStore {
                 path: db_path.clone(),
                 source,
             })?;
-        let store = Self::assemble(paths, kek_bytes, seed, db, db_path, false)?;
+        let store = Self::assemble(paths, kek_bytes, seed, Some(db), db_path, None)?;
         Ok((store, created))
     }
 
     /// Opens the key store of a data directory for offline reading (verification and replay)
-    /// while a server may be running on it. Creates nothing.
+    /// while a server may be running on it. Creates and writes nothing: a missing key database
+    /// reads as empty. The store trusts the `pinned` signers when given; otherwise those of the
+    /// trusted signers file, and the node's own key when its signing key is there.
     ///
     /// # Errors
     ///
-    /// As [`KeyStore::open`].
-    pub fn open_read_only(paths: &KeyPaths) -> Result<KeyStore, KeyStoreError> {
+    /// As [`KeyStore::open`], and [`KeyStoreError::NoTrustedSigners`] when nothing names a
+    /// signer to trust.
+    pub fn open_read_only(
+        paths: &KeyPaths,
+        pinned: Option<TrustedSigners>,
+    ) -> Result<KeyStore, KeyStoreError> {
         let kek_bytes = read_key_file(&paths.kek_file)?;
-        let seed = read_key_file(&paths.signing_key())?;
+        let seed = match read_key_file(&paths.signing_key()) {
+            Ok(seed) => Some(seed),
+            Err(KeyStoreError::Missing(_)) => None,
+            Err(error) => return Err(error),
+        };
         let db_path = paths.data_keys();
-        let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &db_path, false)
-            .map_err(|source| KeyStoreError::Database {
-                path: db_path.clone(),
-                source,
-            })?;
-        Self::assemble(paths, kek_bytes, seed, db, db_path, true)
+        // RocksDB creates the directory of a database it fails to open, even read-only, and
+        // the node would then refuse to start on it; so look before opening.
+        let db = if db_path.join("CURRENT").exists() {
+            Some(
+                rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &db_path, false)
+                    .map_err(|source| KeyStoreError::Database {
+                        path: db_path.clone(),
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        Self::assemble(paths, kek_bytes, seed, db, db_path, Some(pinned))
     }
 
     /// Builds the store from the raw key bytes, which it zeroizes, and the open database.
+    /// `reader` is set for a read-only store, with the signers it was told to trust, if any.
     fn assemble(
         paths: &KeyPaths,
         mut kek_bytes: [u8; 32],
-        mut seed: [u8; 32],
-        db: rocksdb::DB,
+        seed: Option<[u8; 32]>,
+        db: Option<rocksdb::DB>,
         db_path: PathBuf,
-        read_only: bool,
+        reader: Option<Option<TrustedSigners>>,
     ) -> Result<KeyStore, KeyStoreError> {
+        let read_only = reader.is_some();
         let kek = SymmetricKey::from_bytes(kek_bytes);
         let digest = blake3::hash(&kek_bytes);
         kek_bytes.zeroize();
         let mut kek_fingerprint = [0u8; 8];
         kek_fingerprint.copy_from_slice(&digest.as_bytes()[..8]);
+        let own_key = seed.is_some();
+        let mut seed = seed.unwrap_or_else(|| {
+            // A reader without the node's signing key never signs; a throwaway key fills the
+            // place and is not trusted.
+            let mut random = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut random);
+            random
+        });
         let signer = NodeSigner::from_seed(&seed);
         seed.zeroize();
-        let trusted = Self::load_trusted(paths, &signer)?;
+        let trusted = match reader.flatten() {
+            Some(pinned) => pinned,
+            None => Self::load_trusted(paths, own_key.then_some(&signer), read_only)?,
+        };
         let store = KeyStore {
             kek,
             kek_fingerprint,
@@ -302,13 +344,17 @@ impl KeyStore {
     }
 
     /// Loads the trusted signer list, writing it with this node's public key when absent.
+    /// A read-only open writes nothing and, without the signing key, needs the file.
     fn load_trusted(
         paths: &KeyPaths,
-        signer: &NodeSigner,
+        signer: Option<&NodeSigner>,
+        read_only: bool,
     ) -> Result<TrustedSigners, KeyStoreError> {
         let path = paths.trusted_signers();
         let mut trusted = TrustedSigners::default();
-        trusted.add(&signer.public_key());
+        if let Some(signer) = signer {
+            trusted.add(&signer.public_key());
+        }
         match fs::read_to_string(&path) {
             Ok(text) => {
                 for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
@@ -320,12 +366,14 @@ impl KeyStore {
                         .ok_or_else(|| KeyStoreError::InvalidKeyFile(path.clone()))?;
                 }
             }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let line = format!("{}\n", hex::encode(signer.public_key()));
-                // A read-only open may run where the directory is not writable; the node's own
-                // key is trusted in memory either way.
-                let _ = fs::write(&path, line);
-            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => match signer {
+                Some(signer) if !read_only => {
+                    let line = format!("{}\n", hex::encode(signer.public_key()));
+                    fs::write(&path, line).map_err(io_error(&path, "writing"))?;
+                }
+                Some(_) => {}
+                None => return Err(KeyStoreError::NoTrustedSigners(path)),
+            },
             Err(error) => return Err(io_error(&path, "reading")(error)),
         }
         Ok(trusted)
@@ -333,7 +381,10 @@ impl KeyStore {
 
     fn load_chart_index(&self) -> Result<(), KeyStoreError> {
         let mut index = HashMap::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+        let Some(db) = &self.db else {
+            return Ok(());
+        };
+        for item in db.iterator(rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(|source| KeyStoreError::Database {
                 path: self.db_path.clone(),
                 source,
@@ -353,12 +404,6 @@ impl KeyStore {
     /// Returns the node's signing key.
     pub fn signer(&self) -> &NodeSigner {
         &self.signer
-    }
-
-    /// Replaces the trusted public keys, for a verifier that pins the signers it expects
-    /// instead of trusting the list kept in the data directory.
-    pub fn set_trusted_signers(&mut self, trusted: TrustedSigners) {
-        self.trusted = trusted;
     }
 
     /// Returns the public keys whose signatures this node accepts.
@@ -411,8 +456,10 @@ impl KeyStore {
     fn put_synced(&self, key_id: KeyId, bytes: &[u8]) -> Result<(), KeyStoreError> {
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
-        self.db
-            .put_opt(key_id.as_bytes(), bytes, &options)
+        let Some(db) = self.db.as_ref().filter(|_| self.imported.is_none()) else {
+            return Err(KeyStoreError::ReadOnly);
+        };
+        db.put_opt(key_id.as_bytes(), bytes, &options)
             .map_err(|source| KeyStoreError::Database {
                 path: self.db_path.clone(),
                 source,
@@ -437,8 +484,10 @@ impl KeyStore {
                 return Ok(Some(bytes.clone()));
             }
         }
-        self.db
-            .get(key_id.as_bytes())
+        let Some(db) = &self.db else {
+            return Ok(None);
+        };
+        db.get(key_id.as_bytes())
             .map_err(|source| KeyStoreError::Database {
                 path: self.db_path.clone(),
                 source,
@@ -452,7 +501,10 @@ impl KeyStore {
     /// [`KeyStoreError::Database`] when the store cannot be read.
     pub fn key_ids(&self) -> Result<Vec<KeyId>, KeyStoreError> {
         let mut ids = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+        let Some(db) = &self.db else {
+            return Ok(ids);
+        };
+        for item in db.iterator(rocksdb::IteratorMode::Start) {
             let (key, _) = item.map_err(|source| KeyStoreError::Database {
                 path: self.db_path.clone(),
                 source,
@@ -657,6 +709,50 @@ mod tests {
     }
 
     #[test]
+    fn reader_with_shared_files_only_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        let (writer, _) = KeyStore::open(&paths, true).unwrap();
+        let key_id = writer.create_data_key(ChartId::random()).unwrap();
+        let record = writer.wrapped_record(key_id).unwrap().unwrap();
+        let node_key = writer.signer().public_key();
+        drop(writer);
+
+        // What a verifier of a Kafka log gets: the key-encryption key and the trusted signers.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_paths = KeyPaths::under(other_dir.path(), None);
+        fs::create_dir_all(&other_paths.dir).unwrap();
+        fs::copy(&paths.kek_file, &other_paths.kek_file).unwrap();
+        fs::copy(paths.trusted_signers(), other_paths.trusted_signers()).unwrap();
+        let reader = KeyStore::open_read_only(&other_paths, None).unwrap();
+        assert!(reader.trusted_signers().contains(&node_key));
+        assert_eq!(
+            reader.trusted_signers().len(),
+            1,
+            "a throwaway key was trusted"
+        );
+        assert!(reader.import_wrapped(key_id, &record).unwrap());
+        assert!(reader.data_key(key_id).is_ok());
+        assert!(matches!(
+            reader.create_data_key(ChartId::random()),
+            Err(KeyStoreError::ReadOnly)
+        ));
+        drop(reader);
+        assert!(
+            !other_paths.data_keys().exists(),
+            "the reader created a key database"
+        );
+        assert!(!other_paths.signing_key().exists());
+
+        fs::remove_file(other_paths.trusted_signers()).unwrap();
+        assert!(matches!(
+            KeyStore::open_read_only(&other_paths, None),
+            Err(KeyStoreError::NoTrustedSigners(_))
+        ));
+        assert!(!other_paths.trusted_signers().exists());
+    }
+
+    #[test]
     fn read_only_store_imports_in_memory() {
         let dir = tempfile::tempdir().unwrap();
         let paths = KeyPaths::under(dir.path(), None);
@@ -670,11 +766,11 @@ mod tests {
         fs::create_dir_all(&other_paths.dir).unwrap();
         fs::copy(&paths.kek_file, &other_paths.kek_file).unwrap();
         drop(KeyStore::open(&other_paths, true).unwrap());
-        let reader = KeyStore::open_read_only(&other_paths).unwrap();
+        let reader = KeyStore::open_read_only(&other_paths, None).unwrap();
         assert!(reader.import_wrapped(key_id, &record).unwrap());
         assert!(reader.data_key(key_id).is_ok());
         drop(reader);
-        let reopened = KeyStore::open_read_only(&other_paths).unwrap();
+        let reopened = KeyStore::open_read_only(&other_paths, None).unwrap();
         assert_eq!(
             reopened.wrapped_record(key_id).unwrap(),
             None,

@@ -177,6 +177,12 @@ impl TrustedSigners {
         Some(id)
     }
 
+    /// Returns whether a public key is trusted.
+    pub fn contains(&self, public_key: &[u8; 32]) -> bool {
+        self.keys
+            .contains_key(&SignerId::from_public_key(public_key))
+    }
+
     /// Returns the number of trusted keys.
     pub fn len(&self) -> usize {
         self.keys.len()
