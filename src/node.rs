@@ -370,8 +370,15 @@ impl Node {
             writer_thread: Some(writer_thread),
         };
         let end = *node.log.end_position().borrow();
-        node.wait_for_projection(end, Duration::from_secs(600))
-            .await?;
+        let projected = node.wait_for_projection(end, Duration::from_secs(600)).await;
+        if let Err(error) = projected {
+            if !created.is_empty() && end.0 > 0 {
+                return Err(error.context(
+                    "this node created new keys at this start, but the log holds events written before; every node on one log needs the same kek.key, node-signing.key and trusted-signers, copied before its first start",
+                ));
+            }
+            return Err(error);
+        }
         if let Some(mut settled) = settled {
             let decided =
                 tokio::time::timeout(ROLE_WAIT, settled.wait_for(|settled| *settled)).await;

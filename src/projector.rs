@@ -155,6 +155,19 @@ pub fn apply_next(
     Ok(Some(projection.position()?))
 }
 
+/// Formats an error with its causes, for a halt reason that says which check failed. Errors
+/// here name positions, ids and checks, never contents.
+fn error_chain(error: &ProjectError) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
 /// Starts the projector task on the current tokio runtime and returns a receiver of its
 /// status.
 pub fn start(
@@ -204,8 +217,9 @@ pub fn start(
                     }
                 }
                 Ok(Err(error)) => {
-                    tracing::error!(projection = "chart", error = %error, "projector halted");
-                    status.send_modify(|current| current.halted = Some(error.to_string()));
+                    let reason = error_chain(&error);
+                    tracing::error!(projection = "chart", error = %reason, "projector halted");
+                    status.send_modify(|current| current.halted = Some(reason));
                     let _ = shutdown.changed().await;
                     break;
                 }

@@ -778,3 +778,33 @@ async fn refused_session_timeout_stops_the_start() {
     let message = format!("{error:#}");
     assert!(message.contains("Invalid session timeout"), "{message}");
 }
+
+#[tokio::test]
+async fn node_with_keys_of_its_own_is_told_to_share_them() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let created = first
+        .post("/fhir/Patient", &patient("Own", "Keys", "1980-02-02").to_string())
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+
+    // A second node started on the topic without the first node's key files.
+    let dir = tempfile::tempdir().unwrap();
+    let config = chartlog::node::NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        kek_file: None,
+        kafka: Some(kafka),
+        url: Some("http://second.test/fhir".to_owned()),
+    };
+    let error = chartlog::node::Node::open(&config)
+        .await
+        .err()
+        .expect("a node with keys of its own started on a log it cannot read");
+    let message = format!("{error:#}");
+    assert!(message.contains("unknown signer"), "{message}");
+    assert!(
+        message.contains("needs the same kek.key, node-signing.key and trusted-signers"),
+        "{message}"
+    );
+    first.stop().await;
+}

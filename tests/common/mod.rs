@@ -184,7 +184,6 @@ impl TestNode {
         }
     }
 
-    /// Stops the node and returns its data directory, to reopen it.
     /// Stops the node and returns its data directory and Kafka settings, to reopen it.
     pub async fn stop(self) -> (tempfile::TempDir, Option<chartlog::log::KafkaConfig>) {
         let TestNode {
