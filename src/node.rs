@@ -370,7 +370,9 @@ impl Node {
             writer_thread: Some(writer_thread),
         };
         let end = *node.log.end_position().borrow();
-        let projected = node.wait_for_projection(end, Duration::from_secs(600)).await;
+        let projected = node
+            .wait_for_projection(end, Duration::from_secs(600))
+            .await;
         if let Err(error) = projected {
             if !created.is_empty() && end.0 > 0 {
                 return Err(error.context(

@@ -11,7 +11,20 @@ use std::collections::{BTreeSet, HashMap};
 use chartlog_schemas::{ChartId, EventSeq, HlcTimestamp, SignerId};
 
 use crate::crypto::{self, KeyStore};
-use crate::log::{EventLog, LogPosition};
+use crate::log::{EventLog, LogPosition, RecordedHead};
+
+/// The chart heads recorded beside a log, and how they relate to the entries read.
+#[derive(Clone, Copy, Debug)]
+pub enum HeadCheck<'a> {
+    /// The log records no heads.
+    Unrecorded,
+    /// Heads read in one snapshot with the log, as the embedded log's are: each chart must end
+    /// exactly at its head.
+    AtEnd(&'a [RecordedHead]),
+    /// Heads read before the log, as Kafka's are, while a writer may go on appending: each
+    /// chart must reach its head with the digest recorded there, and may continue past it.
+    Before(&'a [RecordedHead]),
+}
 
 /// Most problems listed before verification stops.
 const MAX_PROBLEMS: usize = 20;
@@ -73,8 +86,8 @@ struct ChartTail {
     position: u64,
 }
 
-/// Verifies every entry of `log` with the keys in `keys`. `heads` are the chart heads recorded
-/// with the appends, when the backend keeps them.
+/// Verifies every entry of `log` with the keys in `keys`, and each chart against its head as
+/// recorded with the appends.
 ///
 /// # Errors
 ///
@@ -82,10 +95,20 @@ struct ChartTail {
 pub fn verify_log(
     log: &dyn EventLog,
     keys: &KeyStore,
-    heads: Option<&[(ChartId, EventSeq, [u8; 32])]>,
+    heads: HeadCheck<'_>,
 ) -> Result<VerifyReport, crate::log::ReadError> {
     let mut report = VerifyReport::default();
     let mut tails: HashMap<ChartId, ChartTail> = HashMap::new();
+    // For heads read before the log: each chart's recorded head, and once the chart reached
+    // that sequence number, whether the event there has the recorded digest.
+    let earlier: HashMap<ChartId, (EventSeq, [u8; 32])> = match heads {
+        HeadCheck::Before(heads) => heads
+            .iter()
+            .map(|(chart_id, seq, digest)| (*chart_id, (*seq, *digest)))
+            .collect(),
+        _ => HashMap::new(),
+    };
+    let mut reached: HashMap<ChartId, (u64, bool)> = HashMap::new();
     let mut expected_position = 0u64;
     let mut from = LogPosition(0);
 
@@ -109,21 +132,63 @@ pub fn verify_log(
                 });
             }
             expected_position = position.0 + 1;
-            check_entry(position.0, &envelope.0, keys, &mut tails, &mut report);
+            let read = check_entry(position.0, &envelope.0, keys, &mut tails, &mut report);
+            if let Some((chart_id, seq, digest)) = read {
+                if let Some((head_seq, head_digest)) = earlier.get(&chart_id) {
+                    if *head_seq == seq {
+                        reached.insert(chart_id, (position.0, digest == *head_digest));
+                    }
+                }
+            }
             if report.problems.len() >= MAX_PROBLEMS {
                 break 'read;
             }
         }
     }
 
-    if let Some(heads) = heads {
-        // Charts with a problem already reported: an altered or forged event there also
-        // leaves the chart short of its head, which is not a removal.
-        let damaged: std::collections::HashSet<ChartId> = report
-            .problems
-            .iter()
-            .filter_map(|problem| problem.chart_id)
-            .collect();
+    // Charts with a problem already reported: an altered or forged event there also leaves the
+    // chart short of its head, which is not a removal.
+    let damaged: std::collections::HashSet<ChartId> = report
+        .problems
+        .iter()
+        .filter_map(|problem| problem.chart_id)
+        .collect();
+    if let HeadCheck::Before(heads) = heads {
+        for (chart_id, seq, _) in heads {
+            let failure = match reached.get(chart_id) {
+                Some((_, true)) => continue,
+                None if damaged.contains(chart_id) => Problem {
+                    position: tails.get(chart_id).map_or(expected_position, |tail| tail.position),
+                    chart_id: Some(*chart_id),
+                    seq: Some(seq.0),
+                    failure: format!(
+                        "chart does not reach its recorded head, sequence {seq}, because of the problems above"
+                    ),
+                },
+                Some((position, false)) => Problem {
+                    position: *position,
+                    chart_id: Some(*chart_id),
+                    seq: Some(seq.0),
+                    failure: "the chart's event at its recorded head is not the one the head names: the event was replaced".into(),
+                },
+                None => {
+                    let tail = tails.get(chart_id);
+                    let (position, found) =
+                        tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
+                    Problem {
+                        position,
+                        chart_id: Some(*chart_id),
+                        seq: Some(found),
+                        failure: format!(
+                            "chart ends at sequence {found} but its recorded head is sequence {seq}: events were removed from its end"
+                        ),
+                    }
+                }
+            };
+            report.problems.push(failure);
+        }
+    }
+    if let HeadCheck::AtEnd(heads) = heads {
         for (chart_id, seq, digest) in heads {
             let tail = tails.get(chart_id);
             let matches = tail.is_some_and(|tail| tail.seq == *seq && tail.digest == *digest);
@@ -160,13 +225,15 @@ pub fn verify_log(
     Ok(report)
 }
 
+/// Checks one entry and moves its chart's tail on. Returns the entry's chart, sequence number
+/// and digest when its signature held.
 fn check_entry(
     position: u64,
     bytes: &[u8],
     keys: &KeyStore,
     tails: &mut HashMap<ChartId, ChartTail>,
     report: &mut VerifyReport,
-) {
+) -> Option<(ChartId, EventSeq, [u8; 32])> {
     let problem = |chart_id, seq, failure: String| Problem {
         position,
         chart_id,
@@ -181,7 +248,7 @@ fn check_entry(
                 None,
                 format!("envelope layout invalid: {error}"),
             ));
-            return;
+            return None;
         }
     };
     let header = parsed.header.clone();
@@ -194,7 +261,7 @@ fn check_entry(
             report
                 .problems
                 .push(problem(chart_id, seq, describe(&error)));
-            return;
+            return None;
         }
     };
     report.signers.insert(signer_text(header.signer));
@@ -265,6 +332,7 @@ fn check_entry(
             position,
         },
     );
+    Some((header.chart_id, header.seq, parsed.digest))
 }
 
 fn describe(error: &crypto::CryptoError) -> String {

@@ -297,6 +297,19 @@ fn take_log_over(
     rebuilt.set_resource_limit(log.max_resource_bytes());
     if let Some(heads) = log.recorded_heads()? {
         crate::node::check_heads(&rebuilt, &heads)?;
+        let recorded: std::collections::HashSet<_> =
+            heads.iter().map(|(chart_id, _, _)| *chart_id).collect();
+        let missing: Vec<_> = rebuilt
+            .heads()
+            .filter(|(chart_id, _, _)| !recorded.contains(chart_id))
+            .collect();
+        if !missing.is_empty() {
+            log.record_heads(&missing)?;
+            tracing::warn!(
+                charts = missing.len(),
+                "recorded the heads of charts that had none recorded; their ends are checked from now on"
+            );
+        }
     }
     let charts = rebuilt.chart_count();
     *state.write().expect("writer state lock is not poisoned") = rebuilt;

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 fn corpus_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("CHARTLOG_CORPUS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"));
+        .unwrap_or_else(|| common::checkout().join("../shared/corpus"));
     if dir.is_dir() {
         return Some(dir);
     }

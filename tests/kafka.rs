@@ -47,7 +47,7 @@ impl Drop for StoppedBroker {
 }
 
 fn kafka_script(arguments: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/compose/kafka.sh");
+    let script = common::checkout().join("compose/kafka.sh");
     let status = Process::new("bash")
         .arg(script)
         .args(arguments)
@@ -522,7 +522,7 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     let log = KafkaLog::open_reader(kafka).await.unwrap();
     let keys = second.node.keys.clone();
     let report = tokio::task::spawn_blocking(move || {
-        chartlog::verify::verify_log(&log, &keys, None).unwrap()
+        chartlog::verify::verify_log(&log, &keys, chartlog::verify::HeadCheck::Unrecorded).unwrap()
     })
     .await
     .unwrap();
@@ -784,7 +784,10 @@ async fn node_with_keys_of_its_own_is_told_to_share_them() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let created = first
-        .post("/fhir/Patient", &patient("Own", "Keys", "1980-02-02").to_string())
+        .post(
+            "/fhir/Patient",
+            &patient("Own", "Keys", "1980-02-02").to_string(),
+        )
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
 
@@ -807,4 +810,82 @@ async fn node_with_keys_of_its_own_is_told_to_share_them() {
         "{message}"
     );
     first.stop().await;
+}
+
+#[tokio::test]
+async fn lost_key_and_head_topics_are_restored_at_take_over() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = node.create(&patient("Lost", "Topics", "1975-05-05")).await;
+    node.create(&common::weight(&patient_id, "70.0", "2024-01-01T00:00:00Z"))
+        .await;
+    let (dir, _) = node.stop().await;
+    let read_heads = |kafka: chartlog::log::KafkaConfig| async move {
+        tokio::task::spawn_blocking(move || chartlog::log::head_topic::read_heads(&kafka))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let before = read_heads(kafka.clone())
+        .await
+        .expect("heads were recorded");
+
+    let admin: AdminClient<DefaultClientContext> = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .create()
+        .unwrap();
+    let heads_topic = chartlog::log::head_topic::head_topic_name(&kafka.topic);
+    let keys_topic = chartlog::log::key_topic::key_topic_name(&kafka.topic);
+    let deleted = admin
+        .delete_topics(&[&heads_topic, &keys_topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let gone = eventually(Duration::from_secs(30), || {
+        let kafka = kafka.clone();
+        async move { read_heads(kafka).await.is_none().then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "the head topic was not deleted");
+
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        dir.path(),
+        &kafka.topic,
+    );
+    assert!(!verified, "verify passed without the head topic: {output}");
+    assert!(output.contains("is missing"), "{output}");
+
+    // Taking the log over creates both topics again and fills them from the log and the keys.
+    let node = TestNode::start_in(dir, Some(kafka.clone())).await;
+    let mut after = read_heads(kafka.clone())
+        .await
+        .expect("the head topic was not created again");
+    let mut expected = before.clone();
+    after.sort();
+    expected.sort();
+    assert_eq!(after, expected, "the recorded heads were not restored");
+    let reply = post_weight(&node, &patient_id, "71.0", "2024-01-02T00:00:00Z").await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    let (dir, _) = node.stop().await;
+
+    // A verifier holding only the shared key files reads the data keys from the key topic.
+    let auditor = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(auditor.path().join("keys")).unwrap();
+    for name in ["kek.key", "trusted-signers"] {
+        std::fs::copy(
+            dir.path().join("keys").join(name),
+            auditor.path().join("keys").join(name),
+        )
+        .unwrap();
+    }
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        auditor.path(),
+        &kafka.topic,
+    );
+    assert!(verified, "{output}");
 }

@@ -10,7 +10,7 @@ use chartlog::crypto::KeyStore;
 use chartlog::log::key_topic::KeyTopic;
 use chartlog::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use chartlog::node::NodeConfig;
-use chartlog::verify::{verify_log, VerifyReport};
+use chartlog::verify::{verify_log, HeadCheck, VerifyReport};
 use chartlog_schemas::HlcTimestamp;
 use clap::{Parser, Subcommand};
 
@@ -197,15 +197,17 @@ fn verify(
         kafka: None,
         url: None,
     };
+    let mut missing_heads = None;
     let report = match backend {
         "embedded" => {
             let log = EmbeddedLog::open_read_only(&config.log_dir())
                 .with_context(|| format!("cannot open the log of {}", data.display()))?;
             let heads = log.chart_heads().context("cannot read the chart heads")?;
-            verify_log(&log, &keys, Some(&heads)).context("cannot read the log")?
+            verify_log(&log, &keys, HeadCheck::AtEnd(&heads)).context("cannot read the log")?
         }
         "kafka" => {
             let settings = kafka_settings()?;
+            let settings_topic = settings.topic.clone();
             let runtime = runtime()?;
             // Data keys of charts other nodes created come from the key topic.
             let key_topic = runtime
@@ -215,23 +217,34 @@ fn verify(
             let log = runtime
                 .block_on(KafkaLog::open_reader(settings))
                 .context("cannot open the Kafka log")?;
+            // The heads are read first and the log after, so a writer that appends meanwhile
+            // moves charts past their recorded heads, which the check allows.
             let heads = log
                 .recorded_heads()
                 .context("cannot read the chart heads of the Kafka log")?;
-            if heads.is_none() {
-                eprintln!(
-                    "note: the Kafka log has no head topic, so removed last events of a chart are not detected"
-                );
-            }
-            let report =
-                verify_log(&log, &keys, heads.as_deref()).context("cannot read the log")?;
+            let check = heads
+                .as_deref()
+                .map_or(HeadCheck::Unrecorded, HeadCheck::Before);
+            let report = verify_log(&log, &keys, check).context("cannot read the log")?;
             drop(log);
+            if heads.is_none() && report.events > 0 {
+                missing_heads = Some(format!(
+                    "the head topic {} is missing, so events removed from the end of a chart cannot be detected; a node re-creates it from the log when it next takes the log over",
+                    chartlog::log::head_topic::head_topic_name(&settings_topic)
+                ));
+            }
             report
         }
         other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
     };
     print_report(&report);
+    if let Some(missing) = &missing_heads {
+        eprintln!("FAILED {missing}");
+    }
     if report.is_ok() {
+        if missing_heads.is_some() {
+            return Ok(false);
+        }
         println!("verified: every signature, hash-chain link, sequence number and payload checks");
         return Ok(true);
     }

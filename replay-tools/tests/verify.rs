@@ -337,3 +337,76 @@ fn pinned_signers_reject_the_directory_key() {
     );
     assert!(text.contains("signed by untrusted key"), "{text}");
 }
+
+/// Appends one more observation to the sample chart through a real node.
+fn append_observation(dir: &Path, id: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = NodeConfig { data_dir: dir.to_path_buf(), kek_file: None, kafka: None, url: None };
+        let node = Node::open(&config).await.unwrap();
+        let command = Command {
+            actor: "tester".into(),
+            purpose_of_use: "TREAT".into(),
+            command_id: None,
+            fingerprint: None,
+            operations: vec![Operation::Record {
+                resource_type: "Observation".into(),
+                resource_id: id.into(),
+                resource: serde_json::json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/pat-1"}}).as_object().unwrap().clone(),
+                chart: ChartTarget::Patient("pat-1".into()),
+                if_match: None,
+                create_only: true,
+                references: Vec::new(),
+            }],
+        };
+        node.writer.submit(command).await.unwrap();
+        node.shutdown().await;
+    });
+}
+
+#[test]
+fn heads_read_before_later_writes_are_checked_where_they_stand() {
+    use chartlog::crypto::keystore::KeyPaths;
+    use chartlog::crypto::KeyStore;
+    use chartlog::log::EmbeddedLog;
+    use chartlog::verify::{verify_log, HeadCheck};
+
+    let (dir, _) = sample();
+    let earlier = EmbeddedLog::open_read_only(&dir.path().join("log"))
+        .unwrap()
+        .chart_heads()
+        .unwrap();
+    append_observation(dir.path(), "obs-late");
+    let log = EmbeddedLog::open_read_only(&dir.path().join("log")).unwrap();
+    let keys = KeyStore::open_read_only(&KeyPaths::under(dir.path(), None), None).unwrap();
+
+    // A writer appended after the heads were read: that is no problem for heads read before.
+    let report = verify_log(&log, &keys, HeadCheck::Before(&earlier)).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    // Taken as the heads at the log's end, the same heads look rolled back.
+    let report = verify_log(&log, &keys, HeadCheck::AtEnd(&earlier)).unwrap();
+    assert!(
+        report.problems[0].failure.contains("rolled back"),
+        "{:?}",
+        report.problems
+    );
+
+    // A head whose digest is not the chart's event at that sequence number is a replacement.
+    let mut altered = earlier.clone();
+    altered[0].2[0] ^= 1;
+    let report = verify_log(&log, &keys, HeadCheck::Before(&altered)).unwrap();
+    assert!(
+        report.problems[0].failure.contains("was replaced"),
+        "{:?}",
+        report.problems
+    );
+    // A head beyond the chart's last event means events were removed.
+    let mut ahead = earlier;
+    ahead[0].1 = chartlog_schemas::EventSeq(ahead[0].1 .0 + 5);
+    let report = verify_log(&log, &keys, HeadCheck::Before(&ahead)).unwrap();
+    assert!(
+        report.problems[0].failure.contains("events were removed"),
+        "{:?}",
+        report.problems
+    );
+}

@@ -120,7 +120,11 @@ mod tests {
     use crate::envelope;
 
     fn golden_path(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        // Cargo sets the variable when it runs the test too. The run's value names the checkout
+        // under test; the compiled-in one names where the binary was built, which differs when
+        // a shared target directory serves several checkouts.
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
             .join("golden")
             .join(format!("{name}.hex"))
     }

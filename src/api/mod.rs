@@ -217,8 +217,8 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(outcome_for_plain_errors))
         .layer(
-            tower_http::trace::TraceLayer::new_for_http().make_span_with(
-                |request: &axum::http::Request<axum::body::Body>| {
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<axum::body::Body>| {
                     // The matched route, never the raw path: paths carry resource ids and
                     // query strings carry search values.
                     let route = request
@@ -227,8 +227,13 @@ pub fn app(state: AppState) -> Router {
                         .map_or("unmatched", |path| path.as_str())
                         .to_owned();
                     tracing::debug_span!("request", method = %request.method(), route)
-                },
-            ),
+                })
+                // Errors are logged where they arise, with what caused them; logged again here,
+                // every 503 that a standby's `/health/owner` gives a load balancer's probe would
+                // be an error line.
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
         )
         .with_state(state)
 }

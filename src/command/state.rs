@@ -120,6 +120,14 @@ impl WriterState {
         self.charts.get(&chart_id)
     }
 
+    /// Returns the head of every chart with at least one sealed event.
+    pub fn heads(&self) -> impl Iterator<Item = crate::log::RecordedHead> + '_ {
+        self.charts
+            .iter()
+            .filter(|(_, head)| head.seq.0 > 0)
+            .map(|(chart_id, head)| (*chart_id, head.seq, head.digest))
+    }
+
     /// Returns the current state of a resource.
     pub fn resource(&self, resource_type: &str, resource_id: &str) -> Option<&ResourceHead> {
         self.resources

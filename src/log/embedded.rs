@@ -240,8 +240,12 @@ impl EventLog for EmbeddedLog {
             ));
             iterator.next();
         }
+        // A damaged block stops the iterator: name the first position it did not give.
+        let reached = entries
+            .last()
+            .map_or(from, |(position, _)| LogPosition(position.0 + 1));
         iterator.status().map_err(|error| ReadError {
-            position: from,
+            position: reached,
             source: error.into(),
         })?;
         Ok(entries)

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chartlog_schemas::Envelope;
+use chartlog_schemas::{ChartId, Envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::head_topic::{encode_head, head_topic_name, read_heads, HEAD_PARTITION};
-use super::key_topic::{KeyTopic, KEY_PARTITION};
+use super::key_topic::{key_topic_name, KeyTopic, KEY_PARTITION};
 use super::{AppendError, EventLog, LogPosition, ReadError, RecordedHead};
 use crate::crypto::KeyStore;
 use chartlog_schemas::KeyId;
@@ -517,6 +517,16 @@ impl KafkaLog {
         for facts in headers.iter().flatten() {
             heads.insert(facts.chart_id, encode_head(facts.seq, &facts.digest));
         }
+        self.send_head_records(producer, heads)
+    }
+
+    /// Sends head records, chart id and encoded head, in the producer's open transaction.
+    fn send_head_records(
+        &self,
+        producer: &FutureProducer,
+        heads: impl IntoIterator<Item = (ChartId, [u8; 40])>,
+    ) -> Result<Vec<DeliveryFuture>, KafkaError> {
+        let heads: Vec<_> = heads.into_iter().collect();
         let topic = head_topic_name(&self.config.topic);
         let mut deliveries = Vec::with_capacity(heads.len());
         for (chart_id, value) in &heads {
@@ -621,7 +631,7 @@ pub(crate) async fn ensure_topic(
     config: &KafkaConfig,
     name: &str,
     cleanup_policy: &str,
-) -> Result<(), KafkaOpenError> {
+) -> Result<bool, KafkaOpenError> {
     let admin: AdminClient<DefaultClientContext> = config
         .client_config()
         .create()
@@ -637,9 +647,13 @@ pub(crate) async fn ensure_topic(
         .create_topics(&[topic], &options)
         .await
         .map_err(client_error("topic creation"))?;
+    let mut made = false;
     for result in created {
         match result {
-            Ok(name) => tracing::info!(topic = %name, "created kafka topic"),
+            Ok(name) => {
+                tracing::info!(topic = %name, "created kafka topic");
+                made = true;
+            }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
                 return Err(KafkaOpenError::Client {
@@ -676,7 +690,7 @@ pub(crate) async fn ensure_topic(
             }
         }
     }
-    Ok(())
+    Ok(made)
 }
 
 impl EventLog for KafkaLog {
@@ -839,6 +853,23 @@ impl EventLog for KafkaLog {
             ));
         }
         self.owner.store(false, Ordering::SeqCst);
+        // The key and head topics were there when the log was opened; one deleted since would
+        // stop every append, and its loss would go unnoticed by the head check.
+        for name in [
+            key_topic_name(&self.config.topic),
+            head_topic_name(&self.config.topic),
+        ] {
+            let created = self
+                .runtime
+                .block_on(ensure_topic(&self.config, &name, "compact"))
+                .map_err(|error| AppendError::Unavailable(error.into()))?;
+            if created {
+                tracing::error!(topic = %name, "a topic beside the log was missing and was created again; what it held is restored from this node's keys and the log");
+                if let Some(keys) = self.keys.as_ref().filter(|keys| keys.topic.name() == name) {
+                    keys.topic.forget_published();
+                }
+            }
+        }
         let mut slot = self.producer.lock().expect("producer lock is not poisoned");
         // Initializing the transactional id fences the previous holder and aborts its open
         // transaction, so the end read afterwards includes every record it committed.
@@ -869,6 +900,30 @@ impl EventLog for KafkaLog {
 
     fn complete_ownership(&self) {
         self.owner.store(true, Ordering::SeqCst);
+    }
+
+    fn record_heads(&self, heads: &[RecordedHead]) -> Result<(), AppendError> {
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let slot = self.producer.lock().expect("producer lock is not poisoned");
+        let producer = slot.as_ref().ok_or_else(|| {
+            AppendError::Unavailable("the log is not being taken over by this node".into())
+        })?;
+        let records = heads
+            .iter()
+            .map(|(chart_id, seq, digest)| (*chart_id, encode_head(*seq, digest)));
+        let sent = (|| {
+            producer.begin_transaction()?;
+            let deliveries = self.send_head_records(producer, records)?;
+            self.runtime.block_on(delivered(deliveries))?;
+            producer.commit_transaction(APPEND_TIMEOUT)
+        })();
+        if let Err(error) = sent {
+            let _ = producer.abort_transaction(ABORT_TIMEOUT);
+            return Err(AppendError::Unavailable(error.into()));
+        }
+        Ok(())
     }
 
     fn max_resource_bytes(&self) -> Option<usize> {

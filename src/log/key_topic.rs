@@ -92,6 +92,20 @@ impl KeyTopic {
             .extend(key_ids);
     }
 
+    /// Forgets what the topic was known to hold, after it was found missing and created
+    /// again, so that the next catch-up reads it from its start and every local key is
+    /// published again.
+    pub fn forget_published(&self) {
+        self.published
+            .lock()
+            .expect("published key lock is not poisoned")
+            .clear();
+        self.reader
+            .lock()
+            .expect("key reader lock is not poisoned")
+            .next = 0;
+    }
+
     /// Reads the topic from where the last catch-up stopped to its end, importing each key
     /// the store lacks.
     fn read_to_end(&self, store: &KeyStore) -> Result<(), KafkaError> {

@@ -47,7 +47,8 @@ pub enum AppendError {
 #[derive(Debug, thiserror::Error)]
 #[error("log read failed at position {position}")]
 pub struct ReadError {
-    /// Where the read started.
+    /// The first position the read could not give: where it started, or the first entry past
+    /// what it read.
     pub position: LogPosition,
     /// Cause.
     #[source]
@@ -128,6 +129,18 @@ pub trait EventLog: Send + Sync + 'static {
     ///
     /// [`AppendError`] when the log cannot be reached.
     fn begin_ownership(&self) -> Result<(), AppendError> {
+        Ok(())
+    }
+
+    /// Records heads beside the log for charts that have none there, during a take-over, for
+    /// charts written before heads were recorded or after the recorded heads were lost. The
+    /// embedded log records every head with its append and does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`AppendError`] when the heads could not be recorded.
+    fn record_heads(&self, heads: &[RecordedHead]) -> Result<(), AppendError> {
+        let _ = heads;
         Ok(())
     }
 

@@ -24,6 +24,16 @@ use tower::ServiceExt;
 
 /// Returns the Kafka log settings when the tests run against Kafka (`CHARTLOG_TEST_LOG=kafka`),
 /// each node on a topic of its own, or `None` for the embedded log.
+/// Returns the checkout under test. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test; the
+/// value compiled in names where the binary was built, which differs when a shared target
+/// directory serves several checkouts.
+pub fn checkout() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
+}
+
 pub fn test_kafka_config() -> Option<chartlog::log::KafkaConfig> {
     if std::env::var("CHARTLOG_TEST_LOG").ok()? != "kafka" {
         return None;
@@ -97,6 +107,10 @@ impl EventLog for ControlledLog {
 
     fn begin_ownership(&self) -> Result<(), AppendError> {
         self.inner.begin_ownership()
+    }
+
+    fn record_heads(&self, heads: &[chartlog::log::RecordedHead]) -> Result<(), AppendError> {
+        self.inner.record_heads(heads)
     }
 
     fn complete_ownership(&self) {
