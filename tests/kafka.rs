@@ -812,11 +812,37 @@ async fn node_with_keys_of_its_own_is_told_to_share_them() {
     first.stop().await;
 }
 
-#[tokio::test]
-async fn lost_key_and_head_topics_are_restored_at_take_over() {
+/// Deletes topics and waits until the cluster no longer lists them.
+async fn delete_topics(kafka: &chartlog::log::KafkaConfig, names: &[&str]) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
 
+    let mut config = rdkafka::config::ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers);
+    let admin: AdminClient<DefaultClientContext> = config.create().unwrap();
+    let deleted = admin
+        .delete_topics(names, &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let consumer: BaseConsumer = config.create().unwrap();
+    let gone = eventually(Duration::from_secs(30), || {
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(5))
+            .unwrap();
+        let listed = metadata
+            .topics()
+            .iter()
+            .any(|topic| names.contains(&topic.name()));
+        async move { (!listed).then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "the topics were not deleted");
+}
+
+#[tokio::test]
+async fn lost_key_and_head_topics_are_restored_at_take_over() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let patient_id = node.create(&patient("Lost", "Topics", "1975-05-05")).await;
@@ -833,23 +859,9 @@ async fn lost_key_and_head_topics_are_restored_at_take_over() {
         .await
         .expect("heads were recorded");
 
-    let admin: AdminClient<DefaultClientContext> = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .create()
-        .unwrap();
     let heads_topic = chartlog::log::head_topic::head_topic_name(&kafka.topic);
     let keys_topic = chartlog::log::key_topic::key_topic_name(&kafka.topic);
-    let deleted = admin
-        .delete_topics(&[&heads_topic, &keys_topic], &AdminOptions::new())
-        .await
-        .unwrap();
-    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-    let gone = eventually(Duration::from_secs(30), || {
-        let kafka = kafka.clone();
-        async move { read_heads(kafka).await.is_none().then_some(()) }
-    })
-    .await;
-    assert!(gone.is_some(), "the head topic was not deleted");
+    delete_topics(&kafka, &[&heads_topic, &keys_topic]).await;
 
     let (verified, output) = replay(
         &["verify", "--log-backend", "kafka"],
@@ -870,6 +882,24 @@ async fn lost_key_and_head_topics_are_restored_at_take_over() {
     assert_eq!(after, expected, "the recorded heads were not restored");
     let reply = post_weight(&node, &patient_id, "71.0", "2024-01-02T00:00:00Z").await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+
+    // Lost under a running owner: its next append fails, and it takes the log over again.
+    delete_topics(&kafka, &[&heads_topic]).await;
+    let written = eventually(Duration::from_secs(30), || async {
+        let reply = post_weight(&node, &patient_id, "72.0", "2024-01-03T00:00:00Z").await;
+        (reply.status == StatusCode::CREATED).then_some(())
+    })
+    .await;
+    assert!(
+        written.is_some(),
+        "writes did not resume after the head topic was lost"
+    );
+    let highest = before.iter().map(|head| head.1 .0).max().unwrap();
+    let restored = read_heads(kafka.clone()).await.expect("no head topic");
+    assert!(
+        restored.iter().any(|(_, seq, _)| seq.0 > highest),
+        "the head topic does not hold the charts' new heads: {restored:?}"
+    );
     let (dir, _) = node.stop().await;
 
     // A verifier holding only the shared key files reads the data keys from the key topic.

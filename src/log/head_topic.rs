@@ -50,6 +50,26 @@ fn decode_head(key: &[u8], value: &[u8]) -> Option<RecordedHead> {
     Some((ChartId::from_bytes(chart), EventSeq(seq), digest))
 }
 
+/// Returns whether the cluster knows the topic `name`. Blocks.
+///
+/// # Errors
+///
+/// The Kafka error when the cluster's metadata cannot be fetched.
+pub fn topic_exists<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    name: &str,
+    timeout: Duration,
+) -> Result<bool, KafkaError> {
+    let metadata = client.fetch_metadata(Some(name), timeout)?;
+    Ok(metadata.topics().iter().any(|topic| {
+        topic.name() == name
+            && topic.error().is_none_or(|code| {
+                RDKafkaErrorCode::from(code) != RDKafkaErrorCode::UnknownTopicOrPartition
+            })
+            && !topic.partitions().is_empty()
+    }))
+}
+
 /// Reads every chart's recorded head, the last record of each chart. Returns `None` when the
 /// topic does not exist, as for a log written before heads were recorded. Blocks.
 ///
@@ -60,15 +80,7 @@ fn decode_head(key: &[u8], value: &[u8]) -> Option<RecordedHead> {
 pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, KafkaError> {
     let name = head_topic_name(&config.topic);
     let consumer = reader_consumer(config).map_err(|_| KafkaError::Canceled)?;
-    let metadata = consumer.fetch_metadata(Some(&name), READ_TIMEOUT)?;
-    let exists = metadata.topics().iter().any(|topic| {
-        topic.name() == name
-            && topic.error().is_none_or(|code| {
-                RDKafkaErrorCode::from(code) != RDKafkaErrorCode::UnknownTopicOrPartition
-            })
-            && !topic.partitions().is_empty()
-    });
-    if !exists {
+    if !topic_exists(consumer.client(), &name, READ_TIMEOUT)? {
         return Ok(None);
     }
     let (_, high) = consumer.fetch_watermarks(&name, HEAD_PARTITION, READ_TIMEOUT)?;

@@ -478,6 +478,19 @@ impl KafkaLog {
         Ok(positions)
     }
 
+    /// Returns the key or head topic when the cluster answers that it does not exist, after a
+    /// failed append; `None` when both exist or the cluster cannot be asked.
+    fn missing_side_topic(&self, producer: &FutureProducer) -> Option<String> {
+        // One request for both, so that an unreachable cluster costs one timeout.
+        let metadata = producer.client().fetch_metadata(None, ABORT_TIMEOUT).ok()?;
+        [
+            key_topic_name(&self.config.topic),
+            head_topic_name(&self.config.topic),
+        ]
+        .into_iter()
+        .find(|name| !metadata.topics().iter().any(|topic| topic.name() == name))
+    }
+
     /// Returns the wrapped records of the data keys the batch uses that the key topic does not
     /// hold yet.
     fn unpublished_keys(&self, headers: &[Option<EnvelopeFacts>]) -> Vec<(KeyId, Vec<u8>)> {
@@ -752,7 +765,18 @@ impl EventLog for KafkaLog {
                 let fatal = producer.client().fatal_error().is_some()
                     || fenced_code
                     || matches!(&error, KafkaError::Transaction(transaction) if transaction.is_fatal());
-                if fatal {
+                let missing = if fatal {
+                    None
+                } else {
+                    self.missing_side_topic(producer)
+                };
+                if let Some(topic) = missing {
+                    // Every later transaction would fail the same way. Taking the log over
+                    // again creates the topic and fills it from the keys and the log.
+                    tracing::error!(topic = %topic, "a topic beside the log is missing; this node takes the log over again to create it");
+                    self.owner.store(false, Ordering::SeqCst);
+                    *slot = None;
+                } else if fatal {
                     // Fenced by a newer writer (or otherwise unusable for good): this node's
                     // state may be stale from now on, so it stops writing until it has taken
                     // the partition over again, state rebuilt.
