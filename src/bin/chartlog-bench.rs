@@ -8,7 +8,9 @@
 //! half the measured write rate and half the read rate, paced; (4) offer fixed rates, by default
 //! half the targets; (5) the baselines. They append one envelope at a time, then as many as the
 //! writer put in one batch on average in phase 1, then 64. On the embedded log an append is a
-//! synced RocksDB write; on Kafka it is a transaction.
+//! synced RocksDB write; on Kafka it is a transaction. Last, the CPU time per operation of the
+//! saturated writes and of the same-size baseline, for this process and, given its process id,
+//! the broker.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +55,53 @@ struct Args {
     /// Directory for the bench's data (a temporary directory inside it is used and removed).
     #[arg(long, default_value = ".")]
     dir: std::path::PathBuf,
+    /// Process id of the Kafka broker on this machine, to count its CPU time per write as well.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+}
+
+/// CPU time a process has used so far, user and system, from `/proc/PID/stat`; `None` where
+/// that cannot be read.
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |pid| format!("/proc/{pid}/stat"),
+    );
+    let text = std::fs::read_to_string(path).ok()?;
+    // The command name, field 2, is in parentheses and may hold spaces: count from after it.
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    // Linux reports these in USER_HZ ticks, 100 per second.
+    Some(Duration::from_millis((user + system) * 10))
+}
+
+/// CPU time used by the bench's own process and by the broker, between two readings.
+#[derive(Clone, Copy)]
+struct CpuReading {
+    process: Option<Duration>,
+    broker: Option<Duration>,
+}
+
+impl CpuReading {
+    fn now(broker_pid: Option<u32>) -> CpuReading {
+        CpuReading {
+            process: cpu_time(None),
+            broker: broker_pid.and_then(|pid| cpu_time(Some(pid))),
+        }
+    }
+
+    /// Returns the CPU milliseconds per operation since `earlier`, for the process and the
+    /// broker.
+    fn per_operation(&self, earlier: &CpuReading, operations: f64) -> (Option<f64>, Option<f64>) {
+        let per = |now: Option<Duration>, then: Option<Duration>| {
+            Some(now?.saturating_sub(then?).as_secs_f64() * 1000.0 / operations.max(1.0))
+        };
+        (
+            per(self.process, earlier.process),
+            per(self.broker, earlier.broker),
+        )
+    }
 }
 
 /// A keep-alive HTTP/1.1 client over one TCP connection: enough for the bench's requests.
@@ -320,6 +369,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         counters.batches.load(Ordering::Relaxed),
         counters.events.load(Ordering::Relaxed),
     );
+    let cpu_before_writes = CpuReading::now(args.broker_pid);
     let writes = run_phase(
         address,
         args.connections,
@@ -328,6 +378,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         write_step.clone(),
     )
     .await?;
+    let write_cpu = CpuReading::now(args.broker_pid)
+        .per_operation(&cpu_before_writes, writes.latencies_micros.len() as f64);
     // The batch size the writer formed under saturation: the baselines run at it too.
     let appended_batches = counters.batches.load(Ordering::Relaxed) - appends_before.0;
     let appended_events = counters.events.load(Ordering::Relaxed) - appends_before.1;
@@ -422,6 +474,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         baseline(batched_log.as_ref(), envelope_bytes, duration, 64)
     })?;
     let same_batch_log = open_baseline("baseline-same")?;
+    let cpu_before_baseline = CpuReading::now(args.broker_pid);
     let baseline_same = tokio::task::block_in_place(|| {
         baseline(
             same_batch_log.as_ref(),
@@ -430,6 +483,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             mean_batch,
         )
     })?;
+    let baseline_cpu = CpuReading::now(args.broker_pid)
+        .per_operation(&cpu_before_baseline, baseline_same * duration.as_secs_f64());
     let (unit, raw) = match kafka {
         None => ("sync", "raw RocksDB synced appends"),
         Some(_) => (
@@ -485,6 +540,32 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "| {raw}, 64 per {unit} | {baseline_batched:.0} | | | {:.2} | {:.2} | 1.00 |",
         baseline_batched / baseline_single,
         baseline_batched / baseline_same
+    );
+    // Where the CPU goes: what one write costs against one envelope of the bare log, and the
+    // rate at which that cost alone would fill every core.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let format_ms =
+        |value: Option<f64>| value.map_or_else(|| "n/a".to_owned(), |ms| format!("{ms:.3}"));
+    println!();
+    println!("| measurement | per second | CPU ms per operation, bench process | CPU ms per operation, broker | rate that would fill {cores:.0} cores |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let cpu_row = |name: &str, rate: f64, (process, broker): (Option<f64>, Option<f64>)| {
+        let total = process.map(|process| process + broker.unwrap_or(0.0));
+        let ceiling = total.filter(|total| *total > 0.0).map_or_else(
+            || "n/a".to_owned(),
+            |total| format!("{:.0}", cores * 1000.0 / total),
+        );
+        println!(
+            "| {name} | {rate:.0} | {} | {} | {ceiling} |",
+            format_ms(process),
+            format_ms(broker)
+        );
+    };
+    cpu_row("chart writes, saturated", writes.per_second(), write_cpu);
+    cpu_row(
+        &format!("{raw}, {mean_batch} per {unit}"),
+        baseline_same,
+        baseline_cpu,
     );
     node.shutdown().await;
     Ok(())
