@@ -18,6 +18,7 @@ use crate::command::WriterState;
 use crate::crypto::keystore::KeyPaths;
 use crate::crypto::KeyStore;
 use crate::journal::{self, AccessJournal};
+use crate::log::kafka::KafkaOpenError;
 use crate::log::key_topic::KeyTopic;
 use crate::log::ownership::{Ownership, Role};
 use crate::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
@@ -236,6 +237,7 @@ impl Node {
         }
         let keys = Arc::new(keys);
 
+        let mut offline = false;
         let (log, heads, partition): (Arc<dyn EventLog>, Option<Vec<_>>, Option<i32>) =
             match &config.kafka {
                 None => {
@@ -255,16 +257,41 @@ impl Node {
                     (wrap(Arc::new(log)), Some(heads), None)
                 }
                 Some(kafka) => {
-                    let key_topic = KeyTopic::open(kafka, true)
-                        .await
-                        .with_context(|| format!("cannot open the key topic of {}", kafka.topic))?;
-                    keys.set_source(key_topic.clone());
-                    let mut log =
-                        KafkaLog::open_unowned(kafka.clone())
+                    // A node that ran on this log before starts while the cluster is away,
+                    // serving what it projected; a first start needs the cluster, so that a
+                    // wrong address fails at once.
+                    let opened = match KeyTopic::open(kafka, true).await {
+                        Ok(key_topic) => KafkaLog::open_unowned(kafka.clone())
                             .await
-                            .with_context(|| {
+                            .map(|log| (key_topic, log)),
+                        Err(error) => Err(error),
+                    };
+                    let (key_topic, mut log) = match opened {
+                        Ok(opened) => opened,
+                        Err(error @ KafkaOpenError::Client { .. }) if initialized => {
+                            tracing::warn!(
+                                topic = %kafka.topic,
+                                error = %format!("{:#}", anyhow::Error::from(error)),
+                                "the kafka cluster cannot be reached; serving what is projected until it can"
+                            );
+                            let key_topic =
+                                KeyTopic::open(kafka, false).await.with_context(|| {
+                                    format!("cannot open the key topic of {}", kafka.topic)
+                                })?;
+                            let log = KafkaLog::open_offline(kafka.clone()).with_context(|| {
                                 format!("cannot open the Kafka log on topic {}", kafka.topic)
                             })?;
+                            offline = true;
+                            (key_topic, log)
+                        }
+                        Err(error) => {
+                            return Err(anyhow::Error::from(error).context(format!(
+                                "cannot open the Kafka log on topic {}",
+                                kafka.topic
+                            )))
+                        }
+                    };
+                    keys.set_source(key_topic.clone());
                     log.attach_keys(keys.clone(), key_topic);
                     tracing::info!(topic = %kafka.topic, "using the kafka log");
                     let partition = log.partition();
@@ -299,7 +326,9 @@ impl Node {
         let projection = Arc::new(projection);
         let applied = projection.position()?;
         let log_end = *log.end_position().borrow();
-        if applied > log_end.0 {
+        // A node started while the cluster is away does not know the end yet; its projector
+        // makes this check once it does.
+        if applied > log_end.0 && !offline {
             anyhow::bail!(
                 "the chart projection has applied {applied} log entries but the log contains only {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
                 log_end.0
@@ -381,7 +410,8 @@ impl Node {
             }
             return Err(error);
         }
-        if let Some(mut settled) = settled {
+        // A node started without the cluster cannot hear from the group: it serves at once.
+        if let Some(mut settled) = settled.filter(|_| !offline) {
             let decided =
                 tokio::time::timeout(ROLE_WAIT, settled.wait_for(|settled| *settled)).await;
             if decided.is_err() {

@@ -52,7 +52,7 @@ impl ProjectError {
     /// shared data keys could not be read for now.
     pub fn is_transient(&self) -> bool {
         match self {
-            ProjectError::Read(_) => true,
+            ProjectError::Read(error) => !error.is_loss(),
             ProjectError::Key { source, .. } => source.is_transient(),
             _ => false,
         }

@@ -919,3 +919,81 @@ async fn lost_key_and_head_topics_are_restored_at_take_over() {
     );
     assert!(verified, "{output}");
 }
+
+#[tokio::test]
+async fn node_restarted_during_an_outage_serves_reads_then_writes() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = node
+        .create(&patient("Restarted", "Outage", "1960-06-06"))
+        .await;
+    let (dir, _) = node.stop().await;
+
+    let outage = StoppedBroker::stop();
+    // The node ran on this topic before, so it starts without the cluster.
+    let node = TestNode::start_in(dir, Some(kafka.clone())).await;
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(health.json["status"], "degraded", "{}", health.text);
+    let read = node.get(&format!("/fhir/Patient/{patient_id}")).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text);
+    assert_eq!(read.json["name"][0]["family"], "Restarted");
+    let reply = node
+        .post(
+            "/fhir/Patient",
+            &patient("During", "Restart", "1960-06-06").to_string(),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
+
+    outage.start();
+    let written = eventually(Duration::from_secs(90), || async {
+        let reply = post_weight(&node, &patient_id, "80.0", "2024-03-03T00:00:00Z").await;
+        (reply.status == StatusCode::CREATED).then_some(())
+    })
+    .await;
+    assert!(
+        written.is_some(),
+        "writes did not resume after the cluster came back"
+    );
+    let drained = eventually(Duration::from_secs(30), || async {
+        let health = node.call(Method::GET, "/health", None, None, &[]).await;
+        (health.json["status"] == "ok").then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "the node stayed degraded");
+    let trail = node.access_log(&patient_id).await;
+    assert_eq!(TestNode::served_during_outage(&trail), 1, "{}", trail.text);
+    let (dir, _) = node.stop().await;
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        dir.path(),
+        &kafka.topic,
+    );
+    assert!(verified, "{output}");
+}
+
+#[tokio::test]
+async fn first_start_without_the_cluster_fails() {
+    let mut kafka =
+        common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    // Nothing listens on the discard port of loopback.
+    kafka.bootstrap_servers = "127.0.0.1:9".to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let config = chartlog::node::NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        kek_file: None,
+        kafka: Some(kafka),
+        url: Some(common::BASE.to_owned()),
+    };
+    let error = chartlog::node::Node::open(&config)
+        .await
+        .err()
+        .expect("a new node started without a cluster");
+    let message = format!("{error:#}");
+    assert!(message.contains("cannot open the Kafka log"), "{message}");
+}

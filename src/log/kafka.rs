@@ -328,46 +328,69 @@ impl KafkaLog {
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let consumer = reader_consumer(&config)?;
-            let metadata = consumer
-                .fetch_metadata(Some(&config.topic), APPEND_TIMEOUT)
-                .map_err(client_error("reading the topic's metadata"))?;
-            let partitions = metadata
-                .topics()
-                .iter()
-                .find(|topic| topic.name() == config.topic)
-                .map_or(0, |topic| topic.partitions().len());
-            if partitions > 1 {
-                // Records on other partitions would be neither read nor verified.
-                return Err(KafkaOpenError::Partitions {
-                    topic: config.topic.clone(),
-                    count: partitions,
-                });
-            }
+            check_partitions(consumer.client(), &config.topic)?;
             let (_, high) = consumer
                 .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
             let end_of_topic = LogPosition(high.max(0) as u64);
-            let (end, _) = watch::channel(end_of_topic);
-            Ok(KafkaLog {
-                runtime,
-                producer: Mutex::new(None),
-                reader: Mutex::new(Reader {
-                    consumer,
-                    cursor: None,
-                }),
-                committed_end: Mutex::new(end_of_topic),
-                owner: AtomicBool::new(false),
-                end,
+            Ok(Self::assemble(
                 config,
+                runtime,
+                consumer,
+                end_of_topic,
                 read_only,
-                keys: None,
-            })
+            ))
         })
         .await
         .map_err(|_| KafkaOpenError::Client {
             action: "start-up",
             source: KafkaError::Canceled,
         })?
+    }
+
+    /// Builds the log around its reader; `end` is the end of the topic as far as known.
+    fn assemble(
+        config: KafkaConfig,
+        runtime: tokio::runtime::Handle,
+        consumer: BaseConsumer<ReaderContext>,
+        end_of_topic: LogPosition,
+        read_only: bool,
+    ) -> KafkaLog {
+        let (end, _) = watch::channel(end_of_topic);
+        KafkaLog {
+            runtime,
+            producer: Mutex::new(None),
+            reader: Mutex::new(Reader {
+                consumer,
+                cursor: None,
+            }),
+            committed_end: Mutex::new(end_of_topic),
+            owner: AtomicBool::new(false),
+            end,
+            config,
+            read_only,
+            keys: None,
+        }
+    }
+
+    /// Opens the log of a node that has run on this topic before, while the cluster cannot be
+    /// reached: nothing is asked of the cluster now. The node serves what it has projected,
+    /// its reader catches up once the cluster answers, and the topic checks of
+    /// [`KafkaLog::open_unowned`] run when it takes the log over, before any append.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaOpenError::Client`] when the client cannot be created from the configuration.
+    pub fn open_offline(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
+        let runtime = tokio::runtime::Handle::current();
+        let consumer = reader_consumer(&config)?;
+        Ok(Self::assemble(
+            config,
+            runtime,
+            consumer,
+            LogPosition(0),
+            false,
+        ))
     }
 
     /// Returns whether the topic contains committed records after this node's last commit.
@@ -639,16 +662,13 @@ pub(crate) fn reader_consumer(
 
 /// Creates `name` with one partition, unlimited retention and `cleanup_policy` when it is
 /// missing, or checks that an existing topic keeps its records: retention unlimited and the
-/// same cleanup policy.
+/// same cleanup policy. Returns whether the topic was created.
 pub(crate) async fn ensure_topic(
     config: &KafkaConfig,
     name: &str,
     cleanup_policy: &str,
 ) -> Result<bool, KafkaOpenError> {
-    let admin: AdminClient<DefaultClientContext> = config
-        .client_config()
-        .create()
-        .map_err(client_error("admin client creation"))?;
+    let admin = admin_client(config)?;
     let options = AdminOptions::new().request_timeout(Some(APPEND_TIMEOUT));
     let min_insync = config.min_insync_replicas.to_string();
     let topic = NewTopic::new(name, 1, TopicReplication::Fixed(config.replication_factor))
@@ -676,7 +696,26 @@ pub(crate) async fn ensure_topic(
             }
         }
     }
+    check_topic(config, name, cleanup_policy).await?;
+    Ok(made)
+}
 
+fn admin_client(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaOpenError> {
+    config
+        .client_config()
+        .create()
+        .map_err(client_error("admin client creation"))
+}
+
+/// Checks that the existing topic `name` keeps its records: retention unlimited and the
+/// cleanup policy `cleanup_policy`.
+pub(crate) async fn check_topic(
+    config: &KafkaConfig,
+    name: &str,
+    cleanup_policy: &str,
+) -> Result<(), KafkaOpenError> {
+    let admin = admin_client(config)?;
+    let options = AdminOptions::new().request_timeout(Some(APPEND_TIMEOUT));
     let described = admin
         .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
         .await
@@ -703,7 +742,30 @@ pub(crate) async fn ensure_topic(
             }
         }
     }
-    Ok(made)
+    Ok(())
+}
+
+/// Refuses a topic with more than the one partition this log reads and writes: records on the
+/// others would be neither read nor verified.
+fn check_partitions<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<(), KafkaOpenError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), APPEND_TIMEOUT)
+        .map_err(client_error("reading the topic's metadata"))?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|listed| listed.name() == topic)
+        .map_or(0, |listed| listed.partitions().len());
+    if partitions > 1 {
+        return Err(KafkaOpenError::Partitions {
+            topic: topic.to_owned(),
+            count: partitions,
+        });
+    }
+    Ok(())
 }
 
 impl EventLog for KafkaLog {
@@ -877,6 +939,16 @@ impl EventLog for KafkaLog {
             ));
         }
         self.owner.store(false, Ordering::SeqCst);
+        // A node that started while the cluster was away has not checked the topic yet, and
+        // settings can change while a node runs: check before writing. The event topic is
+        // never created here, since a new empty topic under a node that projected the old one
+        // would look like a log that lost everything.
+        self.runtime
+            .block_on(check_topic(&self.config, &self.config.topic, "delete"))
+            .map_err(|error| AppendError::Unavailable(error.into()))?;
+        reader_consumer(&self.config)
+            .and_then(|consumer| check_partitions(consumer.client(), &self.config.topic))
+            .map_err(|error| AppendError::Unavailable(error.into()))?;
         // The key and head topics were there when the log was opened; one deleted since would
         // stop every append, and its loss would go unnoticed by the head check.
         for name in [
@@ -1002,6 +1074,12 @@ impl EventLog for KafkaLog {
                 .consumer
                 .fetch_watermarks(&self.config.topic, PARTITION, Duration::from_secs(1))
         {
+            if high.max(0) as u64 > 0 && (high as u64) < from.0 {
+                return Err(ReadError {
+                    position: from,
+                    source: Box::new(super::EntriesLost { end: high as u64 }),
+                });
+            }
             let high = LogPosition(high.max(0) as u64);
             self.end.send_if_modified(|end| {
                 let moved = high > *end;

@@ -55,6 +55,22 @@ pub struct ReadError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// The log ends before a position that a reader has already read: entries were lost, as when
+/// a Kafka topic was deleted and created again. Retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("the log now ends at position {end}, before entries already read: entries were lost from the log; restore it from a backup and run chartlog-replay verify")]
+pub struct EntriesLost {
+    /// Where the log ends now.
+    pub end: u64,
+}
+
+impl ReadError {
+    /// Returns whether the log was found to have lost entries already read.
+    pub fn is_loss(&self) -> bool {
+        self.source.downcast_ref::<EntriesLost>().is_some()
+    }
+}
+
 /// An append-only log of envelopes.
 pub trait EventLog: Send + Sync + 'static {
     /// Appends a batch atomically and durably: either every envelope is appended, in order,
