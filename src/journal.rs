@@ -16,6 +16,12 @@
 //! - An entry that can never be recorded (it fails to decrypt, or its chart's data key is gone)
 //!   moves to the `quarantine` column family, so it does not block the entries behind it. It is
 //!   kept there for an operator to examine, and `/health` and `/metrics` count it.
+//!
+//! On Kafka only the owner of the log appends. A node that journaled accesses while it knew no
+//! owner, and then finds another node owning the log, hands them over through the access topic
+//! (`crate::log::access_topic`): each entry goes there encrypted as here and is deleted here once
+//! the cluster acknowledged it; the owner records what it reads there and only then moves its
+//! read position on.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,10 +34,16 @@ use tokio::sync::{watch, Notify};
 
 use crate::command::{Command, Operation};
 use crate::crypto::{self, KeyStore};
+use crate::log::access_topic::AccessTopic;
+use crate::log::ownership::Role;
+use crate::log::EventLog;
 use crate::writer::{WeakWriter, WriteError, Writer};
 
 /// Associated data that binds a journal entry's ciphertext to its purpose.
 const ENTRY_CONTEXT: &[u8] = b"chartlog access journal v1";
+
+/// Associated data that binds an access handed to the owner to its purpose.
+const HANDOFF_CONTEXT: &[u8] = b"chartlog access handoff v1";
 
 /// Maximum number of entries submitted to the writer in one round of draining.
 const DRAIN_ROUND: usize = 512;
@@ -106,6 +118,12 @@ impl std::fmt::Debug for AccessJournal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "AccessJournal({} pending)", *self.pending.borrow())
     }
+}
+
+fn handoff_data(chart_id: ChartId) -> Vec<u8> {
+    let mut data = HANDOFF_CONTEXT.to_vec();
+    data.extend_from_slice(chart_id.as_bytes());
+    data
 }
 
 fn associated_data(sequence: u64, chart_id: ChartId) -> Vec<u8> {
@@ -183,25 +201,8 @@ impl AccessJournal {
     pub fn append(&self, accesses: &[PendingAccess]) -> Result<(), JournalError> {
         let mut batch = rocksdb::WriteBatch::default();
         for access in accesses {
-            let key_id = self
-                .keys
-                .chart_key_id(access.chart_id)
-                .ok_or(JournalError::NoDataKey(access.chart_id))?;
-            let data_key = self.keys.data_key(key_id)?;
             let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
-            let plaintext = postcard::to_allocvec(access)
-                .expect("a pending access serializes with postcard into a Vec");
-            let stored = StoredEntry {
-                chart_id: access.chart_id,
-                key_id,
-                ciphertext: crypto::encrypt(
-                    &data_key,
-                    &plaintext,
-                    &associated_data(sequence, access.chart_id),
-                ),
-            };
-            let value = postcard::to_allocvec(&stored)
-                .expect("a journal entry serializes with postcard into a Vec");
+            let value = self.seal(access, |chart_id| associated_data(sequence, chart_id))?;
             batch.put(sequence.to_be_bytes(), value);
         }
         let mut options = rocksdb::WriteOptions::default();
@@ -242,19 +243,72 @@ impl AccessJournal {
         Ok(oldest)
     }
 
+    /// Encrypts an access for the access topic, under its chart's data key like a journal
+    /// entry. Returns the record's key (the command id) and value.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError`] when the chart has no data key.
+    pub fn seal_handoff(&self, access: &PendingAccess) -> Result<(Vec<u8>, Vec<u8>), JournalError> {
+        let value = self.seal(access, handoff_data)?;
+        Ok((access.command_id.as_bytes().to_vec(), value))
+    }
+
+    /// Opens an access read from the access topic. The data key authenticates it: only a node
+    /// holding the chart's key could have sealed it.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Unreadable`] (with `offset`) when it does not decode or decrypt, or
+    /// [`JournalError::Keys`] when its data key is unavailable.
+    pub fn open_handoff(&self, offset: u64, value: &[u8]) -> Result<PendingAccess, JournalError> {
+        self.open_sealed(offset, value, handoff_data)
+    }
+
     fn open_entry(&self, sequence: u64, value: &[u8]) -> Result<PendingAccess, JournalError> {
-        let unreadable = |_| JournalError::Unreadable(sequence);
+        self.open_sealed(sequence, value, |chart_id| {
+            associated_data(sequence, chart_id)
+        })
+    }
+
+    /// Encrypts an access under its chart's data key, bound to the associated data `context`
+    /// gives for the chart, and encodes it with the chart and key in the clear.
+    fn seal(
+        &self,
+        access: &PendingAccess,
+        context: impl FnOnce(ChartId) -> Vec<u8>,
+    ) -> Result<Vec<u8>, JournalError> {
+        let key_id = self
+            .keys
+            .chart_key_id(access.chart_id)
+            .ok_or(JournalError::NoDataKey(access.chart_id))?;
+        let data_key = self.keys.data_key(key_id)?;
+        let plaintext = postcard::to_allocvec(access)
+            .expect("a pending access serializes with postcard into a Vec");
+        let stored = StoredEntry {
+            chart_id: access.chart_id,
+            key_id,
+            ciphertext: crypto::encrypt(&data_key, &plaintext, &context(access.chart_id)),
+        };
+        Ok(postcard::to_allocvec(&stored)
+            .expect("a sealed access serializes with postcard into a Vec"))
+    }
+
+    /// Opens what [`AccessJournal::seal`] made; `number` names it in errors.
+    fn open_sealed(
+        &self,
+        number: u64,
+        value: &[u8],
+        context: impl FnOnce(ChartId) -> Vec<u8>,
+    ) -> Result<PendingAccess, JournalError> {
+        let unreadable = |_| JournalError::Unreadable(number);
         let stored: StoredEntry = postcard::from_bytes(value).map_err(unreadable)?;
         let data_key = self.keys.data_key(stored.key_id)?;
-        let plaintext = crypto::decrypt(
-            &data_key,
-            &stored.ciphertext,
-            &associated_data(sequence, stored.chart_id),
-        )
-        .map_err(|_| JournalError::Unreadable(sequence))?;
+        let plaintext = crypto::decrypt(&data_key, &stored.ciphertext, &context(stored.chart_id))
+            .map_err(|_| JournalError::Unreadable(number))?;
         let access: PendingAccess = postcard::from_bytes(&plaintext).map_err(unreadable)?;
         if access.chart_id != stored.chart_id {
-            return Err(JournalError::Unreadable(sequence));
+            return Err(JournalError::Unreadable(number));
         }
         Ok(access)
     }
@@ -340,20 +394,20 @@ async fn blocking(
     }
 }
 
-/// Submits one round of waiting entries and deletes those now on the log. Returns how many
-/// were recorded and whether any entry stays for a later round.
-async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, bool) {
+/// Reads the oldest waiting entries and moves those that can never be opened to quarantine.
+/// Returns `None` when the journal cannot be read now.
+async fn oldest_readable(journal: &Arc<AccessJournal>) -> Option<Vec<(u64, PendingAccess)>> {
     let oldest = {
         let journal = journal.clone();
         match tokio::task::spawn_blocking(move || journal.oldest(DRAIN_ROUND)).await {
             Ok(Ok(oldest)) => oldest,
             Ok(Err(error)) => {
                 tracing::error!(error = %error, "access journal unreadable; entries stay");
-                return (0, true);
+                return None;
             }
             Err(error) => {
                 tracing::error!(error = %error, "access journal read task failed; entries stay");
-                return (0, true);
+                return None;
             }
         }
     };
@@ -369,41 +423,58 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
         let moved = blocking(journal, move |journal| journal.quarantine(&unreadable)).await;
         if let Err(error) = moved {
             tracing::error!(error, "quarantining journaled accesses failed; they stay");
-            return (0, true);
+            return None;
         }
     }
-    let entries = oldest.readable;
-    if entries.is_empty() {
-        return (0, false);
-    }
-    // Submitted together, the entries share the writer's batches.
+    Some(oldest.readable)
+}
+
+/// Submits accesses to the writer together, so they share its batches. Returns the keys of
+/// those now on the log and whether any failed.
+async fn submit_all<K: Send + 'static>(
+    writer: &Writer,
+    accesses: Vec<(K, PendingAccess)>,
+) -> (Vec<K>, bool) {
     let mut submitted = tokio::task::JoinSet::new();
-    for (sequence, access) in entries {
+    for (key, access) in accesses {
         let writer = writer.clone();
-        submitted.spawn(async move { (sequence, writer.submit(access.command()).await) });
+        submitted.spawn(async move { (key, writer.submit(access.command()).await) });
     }
     let mut recorded = Vec::new();
     let mut stalled = false;
     while let Some(result) = submitted.join_next().await {
-        let (sequence, outcome) = match result {
+        let (key, outcome) = match result {
             Ok(submission) => submission,
             Err(error) => {
-                tracing::error!(error = %error, "access journal submission task failed; its entry stays");
+                tracing::error!(error = %error, "access submission task failed; the access stays");
                 stalled = true;
                 continue;
             }
         };
         match outcome {
-            Ok(_) => recorded.push(sequence),
+            Ok(_) => recorded.push(key),
             Err(WriteError::Rejected(error)) => {
-                // The log took nothing; the entry stays so that no access is dropped.
-                tracing::error!(entry = sequence, error = %error, "journaled access rejected; it stays in the access journal");
+                // The log took nothing; the access stays so that none is dropped.
+                tracing::error!(error = %error, "waiting access rejected; it stays");
                 stalled = true;
             }
-            // The writer has logged why the append failed; the entry waits for the next round.
+            // The writer has logged why the append failed; the access waits for the next round.
             Err(_) => stalled = true,
         }
     }
+    (recorded, stalled)
+}
+
+/// Submits one round of waiting entries and deletes those now on the log. Returns how many
+/// were recorded and whether any entry stays for a later round.
+async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, bool) {
+    let Some(entries) = oldest_readable(journal).await else {
+        return (0, true);
+    };
+    if entries.is_empty() {
+        return (0, false);
+    }
+    let (recorded, mut stalled) = submit_all(writer, entries).await;
     let count = recorded.len();
     if !recorded.is_empty() {
         let removed = blocking(journal, move |journal| journal.remove(&recorded)).await;
@@ -415,7 +486,132 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
     (count, stalled)
 }
 
-/// Starts the task that moves waiting accesses onto the log, until `shutdown` turns true.
+/// What a node on Kafka needs to hand accesses to the owner of the log, or, as the owner, to
+/// take those other nodes handed over.
+pub struct Handoff {
+    /// The access topic.
+    pub topic: Arc<AccessTopic>,
+    /// This node's role in the owner group.
+    pub role: watch::Receiver<Role>,
+    /// The log, which says whether this node owns it.
+    pub log: Arc<dyn EventLog>,
+    /// This node's own base URL, which the group names as the owner's while this node is about
+    /// to take the log over.
+    pub own_url: String,
+}
+
+/// Sends one round of waiting entries to the access topic, for the owner to record, and deletes
+/// them here once the cluster acknowledged them. Returns how many were handed over and whether
+/// any entry stays.
+async fn hand_over_round(journal: &Arc<AccessJournal>, topic: &AccessTopic) -> (usize, bool) {
+    let Some(entries) = oldest_readable(journal).await else {
+        return (0, true);
+    };
+    if entries.is_empty() {
+        return (0, false);
+    }
+    let mut records = Vec::with_capacity(entries.len());
+    let mut sequences = Vec::with_capacity(entries.len());
+    for (sequence, access) in &entries {
+        match journal.seal_handoff(access) {
+            Ok(record) => {
+                records.push(record);
+                sequences.push(*sequence);
+            }
+            Err(error) => {
+                tracing::error!(entry = sequence, error = %error, "journaled access cannot be handed over; it stays");
+            }
+        }
+    }
+    if let Err(error) = topic.send(&records).await {
+        tracing::warn!(error = %error, "handing journaled accesses to the owner failed; they stay");
+        return (0, true);
+    }
+    let count = sequences.len();
+    let stalled = count < entries.len();
+    let removed = blocking(journal, move |journal| journal.remove(&sequences)).await;
+    if let Err(error) = removed {
+        tracing::error!(
+            error,
+            "journaled accesses handed over but not deleted; they will be handed over again"
+        );
+        return (count, true);
+    }
+    (count, stalled)
+}
+
+/// Records one round of accesses that other nodes handed over, then commits the read position
+/// past them. Returns how many were recorded and whether some must be read again.
+async fn take_over_round(
+    journal: &Arc<AccessJournal>,
+    topic: &Arc<AccessTopic>,
+    writer: &Writer,
+) -> (usize, bool) {
+    let read = {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || topic.read(DRAIN_ROUND)).await
+    };
+    let records = match read {
+        Ok(Ok(records)) => records,
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, "reading the access topic failed; retrying");
+            return (0, true);
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "access topic read task failed; retrying");
+            return (0, true);
+        }
+    };
+    let Some(next) = records.last().map(|record| record.offset + 1) else {
+        return (0, false);
+    };
+    let mut accesses = Vec::with_capacity(records.len());
+    for record in records {
+        match journal.open_handoff(record.offset as u64, &record.bytes) {
+            Ok(access) => accesses.push((record.offset, access)),
+            // Not sealed with a data key of this log, or its key is gone: it can never be
+            // recorded, and keeping it would block every access behind it.
+            Err(JournalError::Unreadable(_))
+            | Err(JournalError::Keys(
+                crypto::KeyStoreError::MissingDataKey(_)
+                | crypto::KeyStoreError::Corrupt(_)
+                | crypto::KeyStoreError::Unwrap(..),
+            )) => {
+                tracing::error!(
+                    topic = topic.name(),
+                    offset = record.offset,
+                    "handed access cannot be opened; skipped"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(offset = record.offset, error = %error, "handed access cannot be opened now; retrying");
+                topic.stop_reading();
+                return (0, true);
+            }
+        }
+    }
+    let (recorded, stalled) = submit_all(writer, accesses).await;
+    if stalled {
+        // Read them again from the committed position; the recorded ones take effect once.
+        topic.stop_reading();
+        return (recorded.len(), true);
+    }
+    let commit = {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || topic.commit(next)).await
+    };
+    if !matches!(commit, Ok(Ok(()))) {
+        tracing::warn!(
+            "committing the access topic position failed; its accesses are recorded again, once"
+        );
+        topic.stop_reading();
+    }
+    (recorded.len(), false)
+}
+
+/// Starts the task that moves waiting accesses onto the log, until `shutdown` turns true. On
+/// Kafka (`handoff`), a node that does not own the log hands its waiting accesses to the owner
+/// once it knows one, and the owner records the accesses handed to it.
 ///
 /// The task keeps only a weak writer handle and upgrades it for one round at a time, so it
 /// never keeps the writer thread, and the log that thread has open, running after the node is
@@ -423,6 +619,7 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
 pub fn start_drain(
     journal: Arc<AccessJournal>,
     writer: WeakWriter,
+    handoff: Option<Handoff>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -433,22 +630,66 @@ pub fn start_drain(
             let Some(full) = writer.upgrade() else {
                 return;
             };
-            let (recorded, stalled) = drain_round(&journal, &full).await;
-            drop(full);
-            if recorded > 0 {
-                tracing::info!(
-                    recorded,
-                    pending = *journal.pending.borrow(),
-                    "journaled accesses recorded on the log"
-                );
+            let owner = handoff
+                .as_ref()
+                .is_none_or(|handoff| handoff.log.is_owner());
+            let mut stalled = false;
+            if let Some(handoff) = &handoff {
+                if owner {
+                    let (recorded, again) = take_over_round(&journal, &handoff.topic, &full).await;
+                    stalled |= again;
+                    if recorded > 0 {
+                        tracing::info!(
+                            recorded,
+                            "accesses handed over by other nodes recorded on the log"
+                        );
+                    }
+                } else {
+                    handoff.topic.stop_reading();
+                }
             }
+            if !journal.is_empty() {
+                let owner_elsewhere = handoff.as_ref().is_some_and(|handoff| {
+                    matches!(
+                        &*handoff.role.borrow(),
+                        Role::Standby { owner_url: Some(url) } if *url != handoff.own_url
+                    )
+                });
+                if owner {
+                    let (recorded, again) = drain_round(&journal, &full).await;
+                    stalled |= again;
+                    if recorded > 0 {
+                        tracing::info!(
+                            recorded,
+                            pending = *journal.pending.borrow(),
+                            "journaled accesses recorded on the log"
+                        );
+                    }
+                } else if let Some(handoff) = handoff.as_ref().filter(|_| owner_elsewhere) {
+                    let (handed, again) = hand_over_round(&journal, &handoff.topic).await;
+                    stalled |= again;
+                    if handed > 0 {
+                        tracing::info!(
+                            handed,
+                            pending = *journal.pending.borrow(),
+                            "journaled accesses handed to the owner of the log"
+                        );
+                    }
+                } else {
+                    // No owner known: the accesses wait until one is.
+                    stalled = true;
+                }
+            }
+            drop(full);
             if !stalled && !journal.is_empty() {
                 continue;
             }
-            if stalled {
-                // New entries arriving meanwhile do not bring the log back: wait the full time.
+            if stalled || handoff.is_some() {
+                // New entries arriving meanwhile do not bring the log back, and on Kafka other
+                // nodes may hand accesses over at any time: look again after a while.
                 tokio::select! {
                     _ = tokio::time::sleep(DRAIN_RETRY) => {}
+                    _ = journal.added.notified(), if !stalled => {}
                     _ = shutdown.changed() => {}
                 }
             } else {

@@ -18,6 +18,7 @@ use crate::command::WriterState;
 use crate::crypto::keystore::KeyPaths;
 use crate::crypto::KeyStore;
 use crate::journal::{self, AccessJournal};
+use crate::log::access_topic::AccessTopic;
 use crate::log::kafka::KafkaOpenError;
 use crate::log::key_topic::KeyTopic;
 use crate::log::ownership::{Ownership, Role};
@@ -238,6 +239,7 @@ impl Node {
         let keys = Arc::new(keys);
 
         let mut offline = false;
+        let mut access_topic = None;
         let (log, heads, partition): (Arc<dyn EventLog>, Option<Vec<_>>, Option<i32>) =
             match &config.kafka {
                 None => {
@@ -260,14 +262,18 @@ impl Node {
                     // A node that ran on this log before starts while the cluster is away,
                     // serving what it projected; a first start needs the cluster, so that a
                     // wrong address fails at once.
-                    let opened = match KeyTopic::open(kafka, true).await {
-                        Ok(key_topic) => KafkaLog::open_unowned(kafka.clone())
-                            .await
-                            .map(|log| (key_topic, log)),
-                        Err(error) => Err(error),
-                    };
+                    let opened = async {
+                        let key_topic = KeyTopic::open(kafka, true).await?;
+                        let accesses = AccessTopic::open(kafka, true).await?;
+                        let log = KafkaLog::open_unowned(kafka.clone()).await?;
+                        Ok::<_, KafkaOpenError>((key_topic, log, accesses))
+                    }
+                    .await;
                     let (key_topic, mut log) = match opened {
-                        Ok(opened) => opened,
+                        Ok((key_topic, log, accesses)) => {
+                            access_topic = Some(accesses);
+                            (key_topic, log)
+                        }
                         Err(error @ KafkaOpenError::Client { .. }) if initialized => {
                             tracing::warn!(
                                 topic = %kafka.topic,
@@ -282,6 +288,7 @@ impl Node {
                                 format!("cannot open the Kafka log on topic {}", kafka.topic)
                             })?;
                             offline = true;
+                            access_topic = Some(AccessTopic::open(kafka, false).await?);
                             (key_topic, log)
                         }
                         Err(error) => {
@@ -355,11 +362,6 @@ impl Node {
                 "access journal has accesses waiting for the log"
             );
         }
-        let drain_task = journal::start_drain(
-            access_journal.clone(),
-            writer.downgrade(),
-            shutdown_receiver,
-        );
 
         let membership = match (&config.kafka, partition) {
             (Some(kafka), Some(partition)) => {
@@ -383,6 +385,21 @@ impl Node {
         };
         let role = membership.as_ref().map(Ownership::role);
         let settled = membership.as_ref().map(Ownership::settled);
+        let handoff = match (access_topic, &role) {
+            (Some(topic), Some(role)) => Some(journal::Handoff {
+                topic: Arc::new(topic),
+                role: role.clone(),
+                log: log.clone(),
+                own_url: config.url.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        let drain_task = journal::start_drain(
+            access_journal.clone(),
+            writer.downgrade(),
+            handoff,
+            shutdown_receiver,
+        );
 
         let node = Node {
             writer,

@@ -997,3 +997,78 @@ async fn first_start_without_the_cluster_fails() {
     let message = format!("{error:#}");
     assert!(message.contains("cannot open the Kafka log"), "{message}");
 }
+
+#[tokio::test]
+async fn standby_hands_its_journaled_accesses_to_the_owner() {
+    use chartlog::journal::PendingAccess;
+    use chartlog_schemas::{AccessedResource, ChartAccessed, CommandId};
+
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = first.create(&patient("Handed", "Over", "1955-05-05")).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    copy_key_files(
+        &first.dir.path().join("keys"),
+        &second_dir.path().join("keys"),
+    );
+    let second =
+        TestNode::start_at(second_dir, Some(kafka.clone()), "http://second.test/fhir").await;
+    // The standby projects the patient's chart and learns who owns the log.
+    let chart_id = eventually(Duration::from_secs(30), || async {
+        let known = second
+            .call(Method::GET, "/health", None, None, &[])
+            .await
+            .json["log"]["ownership"]["owner_url"]
+            .is_string();
+        let chart = second.node.projection.patient_chart(&patient_id).unwrap();
+        chart.filter(|_| known)
+    })
+    .await
+    .expect("the standby never projected the chart or learned the owner");
+
+    // An access the standby served while it knew no owner, as its read path journals it.
+    let served_at = 1_700_000_000_000_000;
+    let access = PendingAccess {
+        command_id: CommandId::random(),
+        actor: "nurse-7".into(),
+        purpose_of_use: "TREAT".into(),
+        chart_id,
+        access: ChartAccessed {
+            interaction: "read".into(),
+            resources: vec![AccessedResource {
+                resource_type: "Patient".into(),
+                resource_id: patient_id.clone(),
+                version: None,
+            }],
+            client_address: "127.0.0.1".into(),
+            served_at_micros: Some(served_at),
+        },
+    };
+    {
+        let journal = second.node.access_journal.clone();
+        tokio::task::spawn_blocking(move || journal.append(&[access]))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // The standby hands it over, and the owner records it on the log.
+    let recorded = eventually(Duration::from_secs(30), || async {
+        let trail = first.access_log(&patient_id).await;
+        (TestNode::served_during_outage(&trail) == 1).then_some(trail)
+    })
+    .await
+    .expect("the owner never recorded the handed access");
+    assert!(recorded.text.contains("nurse-7"), "{}", recorded.text);
+    let drained = eventually(Duration::from_secs(10), || async {
+        (*second.node.access_journal.pending().borrow() == 0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "the standby kept the handed access");
+    // Once: a second look after more handoff rounds still finds one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let trail = first.access_log(&patient_id).await;
+    assert_eq!(TestNode::served_during_outage(&trail), 1, "{}", trail.text);
+    second.stop().await;
+    first.stop().await;
+}

@@ -27,6 +27,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::access_topic::access_topic_name;
 use super::head_topic::{encode_head, head_topic_name, read_heads, HEAD_PARTITION};
 use super::key_topic::{key_topic_name, KeyTopic, KEY_PARTITION};
 use super::{AppendError, EventLog, LogPosition, ReadError, RecordedHead};
@@ -949,15 +950,17 @@ impl EventLog for KafkaLog {
         reader_consumer(&self.config)
             .and_then(|consumer| check_partitions(consumer.client(), &self.config.topic))
             .map_err(|error| AppendError::Unavailable(error.into()))?;
-        // The key and head topics were there when the log was opened; one deleted since would
-        // stop every append, and its loss would go unnoticed by the head check.
-        for name in [
-            key_topic_name(&self.config.topic),
-            head_topic_name(&self.config.topic),
+        // The topics beside the log were there when the log was opened; a key or head topic
+        // deleted since would stop every append, and the loss of the head topic would go
+        // unnoticed by the head check. The access topic only carries accesses in transit.
+        for (name, policy) in [
+            (key_topic_name(&self.config.topic), "compact"),
+            (head_topic_name(&self.config.topic), "compact"),
+            (access_topic_name(&self.config.topic), "delete"),
         ] {
             let created = self
                 .runtime
-                .block_on(ensure_topic(&self.config, &name, "compact"))
+                .block_on(ensure_topic(&self.config, &name, policy))
                 .map_err(|error| AppendError::Unavailable(error.into()))?;
             if created {
                 tracing::error!(topic = %name, "a topic beside the log was missing and was created again; what it held is restored from this node's keys and the log");

@@ -7,6 +7,7 @@
 //! Invariant: a backend never overwrites or deletes an entry, and acknowledges an append only
 //! once it is durable.
 
+pub mod access_topic;
 pub mod embedded;
 pub mod head_topic;
 pub mod kafka;
