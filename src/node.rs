@@ -85,6 +85,8 @@ pub struct Node {
     /// On Kafka, this node's role: owner of the log or standby. `None` on the embedded log,
     /// which its node always owns.
     pub role: Option<watch::Receiver<Role>>,
+    /// On Kafka, why this node's attempts to take the log over keep failing, if they do.
+    pub take_over_error: Option<watch::Receiver<Option<String>>>,
     membership: Option<Ownership>,
     shutdown: watch::Sender<bool>,
     projector_task: Option<tokio::task::JoinHandle<()>>,
@@ -385,6 +387,7 @@ impl Node {
         };
         let role = membership.as_ref().map(Ownership::role);
         let settled = membership.as_ref().map(Ownership::settled);
+        let take_over_error = membership.as_ref().map(Ownership::take_over_error);
         let handoff = match (access_topic, &role) {
             (Some(topic), Some(role)) => Some(journal::Handoff {
                 topic: Arc::new(topic),
@@ -409,6 +412,7 @@ impl Node {
             projector,
             access_journal,
             role,
+            take_over_error,
             membership,
             shutdown,
             projector_task: Some(projector_task),

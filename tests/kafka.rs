@@ -754,6 +754,19 @@ async fn forged_head_reveals_removed_events() {
         "{}",
         owner.text
     );
+    // `/health` says why, for the operator who has to act.
+    let reason = eventually(Duration::from_secs(20), || async {
+        let health = node.call(Method::GET, "/health", None, None, &[]).await;
+        health.json["log"]["ownership"]["take_over_error"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await
+    .expect("/health did not say why the node cannot take the log over");
+    assert!(
+        reason.contains("does not end at its recorded head"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]

@@ -64,6 +64,8 @@ pub struct AppState {
     pub base_url: Arc<str>,
     /// On Kafka, this node's role: owner of the log or standby. `None` on the embedded log.
     pub role: Option<watch::Receiver<Role>>,
+    /// On Kafka, why this node's attempts to take the log over keep failing, if they do.
+    pub take_over_error: Option<watch::Receiver<Option<String>>>,
 }
 
 impl AppState {
@@ -79,6 +81,7 @@ impl AppState {
             authenticator,
             base_url: base_url.trim_end_matches('/').into(),
             role: node.role.clone(),
+            take_over_error: node.take_over_error.clone(),
         }
     }
 
@@ -373,13 +376,21 @@ async fn health(
     } else {
         (axum::http::StatusCode::OK, "ok")
     };
-    let ownership = match &role {
+    let mut ownership = match &role {
         None => serde_json::Value::Null,
         Some(Role::Standby { owner_url }) => {
             serde_json::json!({"role": "standby", "owner_url": owner_url})
         }
         Some(role) => serde_json::json!({"role": role.name()}),
     };
+    // The reason names charts and positions, never contents.
+    let take_over_error = state
+        .take_over_error
+        .as_ref()
+        .and_then(|error| error.borrow().clone());
+    if let (Some(fields), Some(error)) = (ownership.as_object_mut(), take_over_error) {
+        fields.insert("take_over_error".into(), error.into());
+    }
     let body = serde_json::json!({
         "status": node_state,
         "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": accepting, "ownership": ownership},

@@ -70,6 +70,7 @@ impl Role {
 pub struct Ownership {
     role: watch::Receiver<Role>,
     settled: watch::Receiver<bool>,
+    take_over_error: watch::Receiver<Option<String>>,
     failure: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -218,6 +219,7 @@ impl Ownership {
             })?;
         let (role_sender, role) = watch::channel(Role::Undecided);
         let (settled_sender, settled) = watch::channel(false);
+        let (take_over_error_sender, take_over_error) = watch::channel(None);
         let stop = Arc::new(AtomicBool::new(false));
         let member = Member {
             consumer,
@@ -228,6 +230,7 @@ impl Ownership {
             writer,
             role: role_sender,
             settled: settled_sender,
+            take_over_error: take_over_error_sender,
             stop: stop.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -240,6 +243,7 @@ impl Ownership {
         Ok(Ownership {
             role,
             settled,
+            take_over_error,
             failure,
             stop,
             thread: Some(thread),
@@ -264,6 +268,13 @@ impl Ownership {
     /// on: the node is a standby, owns the log, or tried to take it over and failed.
     pub fn settled(&self) -> watch::Receiver<bool> {
         self.settled.clone()
+    }
+
+    /// Returns a receiver of why this node's last attempt to take the log over failed, while
+    /// it keeps failing: a log whose chart ends before its recorded head, say. It clears once
+    /// a take-over succeeds.
+    pub fn take_over_error(&self) -> watch::Receiver<Option<String>> {
+        self.take_over_error.clone()
     }
 
     /// Leaves the group's poll loop and closes the consumer. Blocks; call it off the async
@@ -296,6 +307,7 @@ struct Member {
     writer: WeakWriter,
     role: watch::Sender<Role>,
     settled: watch::Sender<bool>,
+    take_over_error: watch::Sender<Option<String>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -379,9 +391,17 @@ impl Member {
                     "took the kafka log over"
                 );
                 self.role.send_if_modified(|role| set(role, Role::Owner));
+                self.take_over_error
+                    .send_if_modified(|last| last.take().is_some());
             }
             Err(error) => {
                 tracing::error!(error = %error, "taking the kafka log over failed; retrying");
+                let reason = format!("{error:#}");
+                self.take_over_error.send_if_modified(|last| {
+                    let changed = last.as_deref() != Some(reason.as_str());
+                    *last = Some(reason);
+                    changed
+                });
             }
         }
     }
