@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chartlog_schemas::{EventHeader, EventId, EventPayload};
+use chartlog_schemas::{EventHeader, EventId, EventPayload, EventType};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::command::state::UndoJournal;
@@ -423,12 +423,21 @@ fn process_batch(
         }
     };
 
-    match log.append_batch(
-        &envelopes
+    let batch: Vec<_> = envelopes
+        .iter()
+        .map(|(envelope, _)| envelope.clone())
+        .collect();
+    // The projector reads these back; it need not check again the signatures just made. Access
+    // events are never checked there, so only the others are remembered.
+    let checked_there = || {
+        planned
             .iter()
-            .map(|(envelope, _)| envelope.clone())
-            .collect::<Vec<_>>(),
-    ) {
+            .zip(&batch)
+            .filter(|(event, _)| event.event_type() != EventType::ChartAccessed)
+            .map(|(_, envelope)| envelope)
+    };
+    keys.recently_sealed().record(checked_there());
+    match log.append_batch(&batch) {
         Ok(positions) => {
             let mut state = state.write().expect("writer state lock is not poisoned");
             for (event, (_, digest)) in planned.iter().zip(&envelopes) {
@@ -446,6 +455,7 @@ fn process_batch(
                 .map(ToString::to_string)
                 .unwrap_or_default();
             tracing::error!(error = %error, cause, events = planned.len(), "log append failed; batch rejected");
+            keys.recently_sealed().forget(checked_there());
             state
                 .write()
                 .expect("writer state lock is not poisoned")

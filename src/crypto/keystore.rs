@@ -162,6 +162,8 @@ pub struct KeyStore {
     source: OnceLock<Arc<dyn KeySource>>,
     /// Records imported while the database is open read-only, kept in memory only.
     imported: Option<RwLock<HashMap<KeyId, Vec<u8>>>>,
+    /// Envelopes this node sealed and has not yet projected.
+    recently_sealed: super::RecentlySealed,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -338,6 +340,7 @@ impl KeyStore {
             chart_keys: RwLock::new(HashMap::new()),
             source: OnceLock::new(),
             imported: read_only.then(|| RwLock::new(HashMap::new())),
+            recently_sealed: super::RecentlySealed::default(),
         };
         store.load_chart_index()?;
         Ok(store)
@@ -399,6 +402,11 @@ impl KeyStore {
             .write()
             .expect("chart key index lock is not poisoned") = index;
         Ok(())
+    }
+
+    /// Returns the envelopes this node sealed and has not yet projected.
+    pub fn recently_sealed(&self) -> &super::RecentlySealed {
+        &self.recently_sealed
     }
 
     /// Returns the node's signing key.

@@ -265,6 +265,49 @@ pub fn check_stored_envelope(bytes: &[u8]) -> Result<CheckedEnvelope<'_>, Crypto
     Ok(CheckedEnvelope { parsed })
 }
 
+/// Most envelopes [`RecentlySealed`] remembers at once.
+const RECENTLY_SEALED_LIMIT: usize = 1 << 16;
+
+/// Hashes of the envelopes this node's writer sealed and is appending, so that its projector
+/// recognises them when it reads them back and skips a second signature check: bytes equal to
+/// the ones this node signed carry its valid signature. Bytes that differ in one bit hash
+/// differently and are checked in full. Bounded: with [`RECENTLY_SEALED_LIMIT`] entries held,
+/// nothing more is added until the projector has taken some.
+#[derive(Default)]
+pub struct RecentlySealed {
+    hashes: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+}
+
+impl RecentlySealed {
+    /// Remembers envelopes about to be appended.
+    pub fn record<'a>(&self, envelopes: impl IntoIterator<Item = &'a Envelope>) {
+        let mut hashes = self.hashes.lock().expect("sealed hashes lock is not poisoned");
+        for envelope in envelopes {
+            if hashes.len() >= RECENTLY_SEALED_LIMIT {
+                break;
+            }
+            hashes.insert(*blake3::hash(&envelope.0).as_bytes());
+        }
+    }
+
+    /// Forgets envelopes whose append failed.
+    pub fn forget<'a>(&self, envelopes: impl IntoIterator<Item = &'a Envelope>) {
+        let mut hashes = self.hashes.lock().expect("sealed hashes lock is not poisoned");
+        for envelope in envelopes {
+            hashes.remove(blake3::hash(&envelope.0).as_bytes());
+        }
+    }
+
+    /// Returns whether `bytes` are exactly an envelope this node sealed, and forgets it.
+    pub fn take(&self, bytes: &[u8]) -> bool {
+        let hash = blake3::hash(bytes);
+        self.hashes
+            .lock()
+            .expect("sealed hashes lock is not poisoned")
+            .remove(hash.as_bytes())
+    }
+}
+
 /// Decrypts and decodes the payload of a checked envelope with the chart's data key.
 ///
 /// # Errors
@@ -291,6 +334,23 @@ mod tests {
     use chartlog_schemas::ChartId;
 
     use super::*;
+
+    #[test]
+    fn only_the_exact_sealed_bytes_skip_the_signature_check() {
+        let (header, payload, key, signer) = sample();
+        let envelope = seal_event(&header, &payload, &key, &signer);
+        let sealed = RecentlySealed::default();
+        sealed.record([&envelope]);
+        let mut altered = envelope.0.clone();
+        let last = altered.len() - 1;
+        altered[last] ^= 1;
+        assert!(!sealed.take(&altered), "an altered signature passed as this node's own");
+        assert!(sealed.take(&envelope.0));
+        assert!(!sealed.take(&envelope.0), "an envelope was taken twice");
+        sealed.record([&envelope]);
+        sealed.forget([&envelope]);
+        assert!(!sealed.take(&envelope.0), "a forgotten envelope was remembered");
+    }
 
     fn sample() -> (EventHeader, EventPayload, SymmetricKey, NodeSigner) {
         let signer = NodeSigner::from_seed(&[7u8; 32]);
