@@ -1411,3 +1411,55 @@ async fn contained_resources_follow_the_role_table() {
         "the physician sees the whole resource"
     );
 }
+
+#[tokio::test]
+async fn writes_are_refused_while_the_projector_is_halted() {
+    let node = TestNode::start().await;
+    node.create(&patient("Before", "Halt", "1970-03-03")).await;
+    // An entry no writer sealed stops the projector there.
+    let log = node.node.log.clone();
+    tokio::task::spawn_blocking(move || {
+        log.append_batch(&[chartlog_schemas::Envelope(vec![0u8; 40])])
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut status = node.node.projector.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        status.wait_for(|status| status.halted.is_some()),
+    )
+    .await
+    .expect("the projector did not halt")
+    .unwrap();
+    let end = *node.node.log.end_position().borrow();
+
+    let reply = node
+        .post(
+            "/fhir/Patient",
+            &patient("After", "Halt", "1970-03-03").to_string(),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
+    assert!(
+        reply.text.contains("stopped at a log entry"),
+        "{}",
+        reply.text
+    );
+    assert_eq!(
+        *node.node.log.end_position().borrow(),
+        end,
+        "a refused write was appended"
+    );
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(
+        health.json["log"]["accepting_writes"], false,
+        "{}",
+        health.text
+    );
+}

@@ -245,7 +245,8 @@ pub fn app(state: AppState) -> Router {
 /// that has found the owner responds with 307 to the owner's URL (the method and body go with a 307).
 /// Every read appends its access event, so reads go to the owner too. While no owner is known
 /// (the group is deciding, or the broker is away), the node serves requests itself: its writes
-/// answer 503, and its reads are served with their accesses journaled.
+/// answer 503, and its reads are served with their accesses journaled. On every log, writes
+/// answer 503 while the projector is halted.
 async fn route_to_owner(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,
@@ -253,6 +254,14 @@ async fn route_to_owner(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
 
+    // A write is answered only once the projection includes it. With the projector halted it
+    // would be appended and still answered 503, and a retry would append it again.
+    if is_write(&request) && state.projector.borrow().halted.is_some() {
+        return ApiError::unavailable(
+            "the chart projection stopped at a log entry that failed its checks; writes are refused until an operator acts (see /health)",
+        )
+        .into_response();
+    }
     let Some(role) = &state.role else {
         return next.run(request).await;
     };
@@ -357,7 +366,8 @@ async fn health(
     let lag = log_end.0.saturating_sub(status.applied);
     let role = state.role.as_ref().map(|role| role.borrow().clone());
     let writer_healthy = state.writer.is_healthy();
-    let accepting = writer_healthy && matches!(role, None | Some(Role::Owner));
+    let accepting =
+        writer_healthy && matches!(role, None | Some(Role::Owner)) && status.halted.is_none();
     let journaled = *state.access_journal.pending().borrow();
     // A standby that has found the owner is healthy, because it follows the log and sends
     // clients there. One that has found none cannot have a write served anywhere.

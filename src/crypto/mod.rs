@@ -281,7 +281,10 @@ pub struct RecentlySealed {
 impl RecentlySealed {
     /// Remembers envelopes about to be appended.
     pub fn record<'a>(&self, envelopes: impl IntoIterator<Item = &'a Envelope>) {
-        let mut hashes = self.hashes.lock().expect("sealed hashes lock is not poisoned");
+        let mut hashes = self
+            .hashes
+            .lock()
+            .expect("sealed hashes lock is not poisoned");
         for envelope in envelopes {
             if hashes.len() >= RECENTLY_SEALED_LIMIT {
                 break;
@@ -292,7 +295,10 @@ impl RecentlySealed {
 
     /// Forgets envelopes whose append failed.
     pub fn forget<'a>(&self, envelopes: impl IntoIterator<Item = &'a Envelope>) {
-        let mut hashes = self.hashes.lock().expect("sealed hashes lock is not poisoned");
+        let mut hashes = self
+            .hashes
+            .lock()
+            .expect("sealed hashes lock is not poisoned");
         for envelope in envelopes {
             hashes.remove(blake3::hash(&envelope.0).as_bytes());
         }
@@ -344,12 +350,18 @@ mod tests {
         let mut altered = envelope.0.clone();
         let last = altered.len() - 1;
         altered[last] ^= 1;
-        assert!(!sealed.take(&altered), "an altered signature passed as this node's own");
+        assert!(
+            !sealed.take(&altered),
+            "an altered signature passed as this node's own"
+        );
         assert!(sealed.take(&envelope.0));
         assert!(!sealed.take(&envelope.0), "an envelope was taken twice");
         sealed.record([&envelope]);
         sealed.forget([&envelope]);
-        assert!(!sealed.take(&envelope.0), "a forgotten envelope was remembered");
+        assert!(
+            !sealed.take(&envelope.0),
+            "a forgotten envelope was remembered"
+        );
     }
 
     fn sample() -> (EventHeader, EventPayload, SymmetricKey, NodeSigner) {
