@@ -1085,3 +1085,56 @@ async fn standby_hands_its_journaled_accesses_to_the_owner() {
     second.stop().await;
     first.stop().await;
 }
+
+#[tokio::test]
+async fn standby_follows_a_key_topic_created_again() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let early = first.create(&patient("Early", "Keys", "1950-01-01")).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    copy_key_files(
+        &first.dir.path().join("keys"),
+        &second_dir.path().join("keys"),
+    );
+    let second =
+        TestNode::start_at(second_dir, Some(kafka.clone()), "http://second.test/fhir").await;
+    let projected = eventually(Duration::from_secs(30), || async {
+        second.node.projection.patient_chart(&early).unwrap()
+    })
+    .await;
+    assert!(
+        projected.is_some(),
+        "the standby never projected the first chart"
+    );
+
+    delete_topics(
+        &kafka,
+        &[&chartlog::log::key_topic::key_topic_name(&kafka.topic)],
+    )
+    .await;
+    // The owner's next write fails, it takes the log over again and fills the new key topic;
+    // the chart it then creates has a key the standby must find there.
+    let late = eventually(Duration::from_secs(30), || async {
+        let reply = first
+            .post(
+                "/fhir/Patient",
+                &patient("Late", "Keys", "1951-01-01").to_string(),
+            )
+            .await;
+        (reply.status == StatusCode::CREATED).then(|| reply.json["id"].as_str().unwrap().to_owned())
+    })
+    .await
+    .expect("writes did not resume after the key topic was lost");
+    let projected = eventually(Duration::from_secs(30), || async {
+        second.node.projection.patient_chart(&late).unwrap()
+    })
+    .await;
+    assert!(
+        projected.is_some(),
+        "the standby did not project a chart whose key is in the new key topic: {:?}",
+        second.node.projector.borrow().halted
+    );
+    assert_eq!(second.node.projector.borrow().halted, None);
+    second.stop().await;
+    first.stop().await;
+}

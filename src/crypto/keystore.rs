@@ -73,9 +73,15 @@ pub enum KeyStoreError {
     /// A store opened for reading was asked to store a key.
     #[error("the key store is open for reading only")]
     ReadOnly,
+    /// The node's signing key is missing from the trusted signers file it would share.
+    #[error("this node's signing key is not in {0}, so other nodes and verify would reject its events; copy node-signing.key from the node whose key the file lists, or add this node's public key to the file on every node")]
+    SignerNotTrusted(PathBuf),
     /// A reader has neither the node's signing key nor a list of signers to trust.
     #[error("no trusted signers: {0} is missing and so is the node's signing key")]
     NoTrustedSigners(PathBuf),
+    /// A data key is neither in the store nor, so far, in the source of shared keys.
+    #[error("data key {0} is neither in the key store nor yet in the shared keys")]
+    NotShared(KeyId),
     /// The source of shared data keys could not be read; a later attempt may succeed.
     #[error("shared data keys could not be read: {0}")]
     Source(String),
@@ -84,7 +90,7 @@ pub enum KeyStoreError {
 impl KeyStoreError {
     /// Returns whether a later attempt may succeed without anyone acting.
     pub fn is_transient(&self) -> bool {
-        matches!(self, KeyStoreError::Source(_))
+        matches!(self, KeyStoreError::Source(_) | KeyStoreError::NotShared(_))
     }
 }
 
@@ -360,13 +366,22 @@ impl KeyStore {
         }
         match fs::read_to_string(&path) {
             Ok(text) => {
+                let mut listed = TrustedSigners::default();
                 for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
                     let mut key = [0u8; 32];
                     hex::decode_to_slice(line, &mut key)
                         .map_err(|_| KeyStoreError::InvalidKeyFile(path.clone()))?;
-                    trusted
+                    listed
                         .add(&key)
                         .ok_or_else(|| KeyStoreError::InvalidKeyFile(path.clone()))?;
+                    trusted.add(&key);
+                }
+                // A node that signs with a key the list leaves out writes events that every
+                // other reader of the log rejects.
+                if let Some(signer) = signer.filter(|_| !read_only) {
+                    if !listed.contains(&signer.public_key()) {
+                        return Err(KeyStoreError::SignerNotTrusted(path));
+                    }
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => match signer {
@@ -584,8 +599,10 @@ impl KeyStore {
                     .get()
                     .ok_or(KeyStoreError::MissingDataKey(key_id))?;
                 source.catch_up(self)?;
+                // The source may lack it for now: a key topic that was lost and created again
+                // is filled anew by the next owner's take-over.
                 self.wrapped_record(key_id)?
-                    .ok_or(KeyStoreError::MissingDataKey(key_id))?
+                    .ok_or(KeyStoreError::NotShared(key_id))?
             }
         };
         let record: WrappedKey =
@@ -714,6 +731,27 @@ mod tests {
         let error = third.import_wrapped(key_id, &record).unwrap_err();
         assert!(matches!(error, KeyStoreError::ForeignKek(_)), "{error}");
         assert_eq!(third.wrapped_record(key_id).unwrap(), None);
+    }
+
+    #[test]
+    fn node_whose_signing_key_the_shared_list_leaves_out_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        drop(KeyStore::open(&paths, true).unwrap());
+
+        // A second node given the key-encryption key and the list, but not the signing key.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_paths = KeyPaths::under(other_dir.path(), None);
+        fs::create_dir_all(&other_paths.dir).unwrap();
+        fs::copy(&paths.kek_file, &other_paths.kek_file).unwrap();
+        fs::copy(paths.trusted_signers(), other_paths.trusted_signers()).unwrap();
+        assert!(matches!(
+            KeyStore::open(&other_paths, true),
+            Err(KeyStoreError::SignerNotTrusted(_))
+        ));
+        // With the signing key copied as well, it opens.
+        fs::copy(paths.signing_key(), other_paths.signing_key()).unwrap();
+        assert!(KeyStore::open(&other_paths, true).is_ok());
     }
 
     #[test]

@@ -112,6 +112,16 @@ impl KeyTopic {
         let mut reader = self.reader.lock().expect("key reader lock is not poisoned");
         let KeyReader { consumer, next } = &mut *reader;
         let (_, high) = consumer.fetch_watermarks(&self.name, KEY_PARTITION, CATCH_UP_TIMEOUT)?;
+        if *next > high {
+            // The topic ends before where this reader got: it was deleted and created again.
+            // Read the new one from its start.
+            tracing::warn!(topic = %self.name, "key topic ends before the position read so far; reading it again from its start");
+            *next = 0;
+            self.published
+                .lock()
+                .expect("published key lock is not poisoned")
+                .clear();
+        }
         if *next >= high {
             return Ok(());
         }
