@@ -70,6 +70,9 @@ pub struct VerifyReport {
     pub last_timestamp: Option<HlcTimestamp>,
     /// Problems, in log order; empty when the log verifies.
     pub problems: Vec<Problem>,
+    /// Whether reading stopped after the most problems listed, so that the rest of the log
+    /// and the recorded heads were not checked.
+    pub stopped_early: bool,
 }
 
 impl VerifyReport {
@@ -141,11 +144,17 @@ pub fn verify_log(
                 }
             }
             if report.problems.len() >= MAX_PROBLEMS {
+                report.stopped_early = true;
                 break 'read;
             }
         }
     }
 
+    if report.stopped_early {
+        // Charts read only in part would all look as if their last events were removed.
+        report.charts = tails.len();
+        return Ok(report);
+    }
     // Charts with a problem already reported: an altered or forged event there also leaves the
     // chart short of its head, which is not a removal.
     let damaged: std::collections::HashSet<ChartId> = report

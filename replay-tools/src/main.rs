@@ -107,14 +107,24 @@ fn open_keys(
     if !data.is_dir() {
         anyhow::bail!("data directory {} does not exist", data.display());
     }
-    match KeyStore::open_read_only(&KeyPaths::under(data, key_file), pinned) {
+    let keys = match KeyStore::open_read_only(&KeyPaths::under(data, key_file), pinned) {
         Err(error @ KeyStoreError::NoTrustedSigners(_)) => {
             anyhow::bail!("{error}; name the signers to trust with --trusted-signers FILE")
         }
         opened => {
-            opened.with_context(|| format!("cannot open the key store of {}", data.display()))
+            opened.with_context(|| format!("cannot open the key store of {}", data.display()))?
+        }
+    };
+    // A wrong key-encryption key would fail every payload as a problem of the log; it is a
+    // problem of the keys given.
+    if let Some(key_id) = keys.key_ids().context("cannot read the key store")?.first() {
+        if let Err(error @ KeyStoreError::Unwrap(..)) = keys.data_key(*key_id) {
+            anyhow::bail!(
+                "{error}; name the key-encryption key of this data directory with --key-file"
+            );
         }
     }
+    Ok(keys)
 }
 
 fn format_timestamp(timestamp: Option<HlcTimestamp>) -> String {
@@ -250,6 +260,12 @@ fn verify(
     }
     for problem in &report.problems {
         eprintln!("FAILED {problem}");
+    }
+    if report.stopped_early {
+        eprintln!(
+            "verification stopped after {} problems; the rest of the log and the recorded heads were not checked",
+            report.problems.len()
+        );
     }
     eprintln!(
         "verification failed: {} problems; the first bad event is at {}",

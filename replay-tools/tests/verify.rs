@@ -301,6 +301,10 @@ fn verify_before_the_first_start_leaves_the_node_able_to_start() {
         !fresh.path().join("keys/data-keys").exists(),
         "verify created the key database"
     );
+    assert!(
+        !fresh.path().join("log").exists(),
+        "verify created a log directory"
+    );
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -409,4 +413,57 @@ fn heads_read_before_later_writes_are_checked_where_they_stand() {
         "{:?}",
         report.problems
     );
+}
+
+#[test]
+fn verify_that_stops_early_claims_nothing_about_unread_charts() {
+    use chartlog::crypto::keystore::KeyPaths;
+    use chartlog::crypto::KeyStore;
+    use chartlog::log::{EmbeddedLog, EventLog};
+    use chartlog::verify::{verify_log, HeadCheck};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, _) = KeyStore::open(&KeyPaths::under(dir.path(), None), true).unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("log"), true).unwrap();
+    let junk: Vec<_> = (0..30u8)
+        .map(|byte| chartlog_schemas::Envelope(vec![byte; 40]))
+        .collect();
+    log.append_batch(&junk).unwrap();
+    // A chart whose events would come after the problems that stop the reading.
+    let unread = (
+        chartlog_schemas::ChartId::random(),
+        chartlog_schemas::EventSeq(3),
+        [1u8; 32],
+    );
+    let report = verify_log(&log, &keys, HeadCheck::AtEnd(&[unread])).unwrap();
+    assert!(report.stopped_early);
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|problem| problem.failure.contains("envelope layout invalid")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn wrong_key_encryption_key_is_a_key_problem_not_a_log_problem() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let (dir, _) = sample();
+    let other = dir.path().join("other.kek");
+    std::fs::write(&other, hex::encode([5u8; 32])).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let output = Process::new(env!("CARGO_BIN_EXE_chartlog-replay"))
+        .args(["verify", "--data"])
+        .arg(dir.path())
+        .arg("--key-file")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("does not unwrap"), "{text}");
+    assert_eq!(text.lines().count(), 1, "a one-line message: {text}");
 }

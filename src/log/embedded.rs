@@ -108,6 +108,13 @@ impl EmbeddedLog {
     ///
     /// [`OpenError`] when the database cannot be opened or is not a Chartlog log.
     pub fn open_read_only(path: &Path) -> Result<EmbeddedLog, OpenError> {
+        // RocksDB creates the directory of a database it fails to open, even read-only.
+        if !path.join("CURRENT").exists() {
+            return Err(OpenError::Database {
+                path: path.to_path_buf(),
+                reason: "no log there".into(),
+            });
+        }
         let mut options = rocksdb::Options::default();
         options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         options.set_paranoid_checks(true);
