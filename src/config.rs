@@ -48,7 +48,25 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+        toml::from_str(&text).map_err(|error: toml::de::Error| {
+            // toml's own text quotes the offending line over several lines; one line is the
+            // rule for command-line errors.
+            let line = error
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let place = line.map_or_else(String::new, |line| format!(" at line {line}"));
+            anyhow::anyhow!(
+                "invalid config file {}{place}: {}",
+                path.display(),
+                error
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|part| !part.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })
     }
 }
 

@@ -124,6 +124,13 @@ fn token(data: &std::path::Path, subject: &str, roles: &[String], ttl: u64) -> a
     if subject.trim().is_empty() {
         anyhow::bail!("--sub must not be empty");
     }
+    // A mistyped directory would get an issuer of its own, whose tokens no server accepts.
+    if !data.is_dir() {
+        anyhow::bail!(
+            "data directory {} does not exist; name the server's with --data",
+            data.display()
+        );
+    }
     let key_dir = KeyPaths::under(data, None).dir;
     let issuer = dev_issuer::DevIssuer::open_or_create(&key_dir).with_context(|| {
         format!(

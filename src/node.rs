@@ -264,10 +264,12 @@ impl Node {
                     // A node that ran on this log before starts while the cluster is away,
                     // serving what it projected; a first start needs the cluster, so that a
                     // wrong address fails at once.
+                    // The event topic first: one that would lose records is refused before
+                    // any topic is created beside it.
                     let opened = async {
+                        let log = KafkaLog::open_unowned(kafka.clone()).await?;
                         let key_topic = KeyTopic::open(kafka, true).await?;
                         let accesses = AccessTopic::open(kafka, true).await?;
-                        let log = KafkaLog::open_unowned(kafka.clone()).await?;
                         Ok::<_, KafkaOpenError>((key_topic, log, accesses))
                     }
                     .await;
@@ -292,6 +294,12 @@ impl Node {
                             offline = true;
                             access_topic = Some(AccessTopic::open(kafka, false).await?);
                             (key_topic, log)
+                        }
+                        Err(error @ KafkaOpenError::Client { .. }) => {
+                            return Err(anyhow::Error::from(error).context(format!(
+                                "cannot open the Kafka log on topic {}; a node's first start needs the cluster",
+                                kafka.topic
+                            )))
                         }
                         Err(error) => {
                             return Err(anyhow::Error::from(error).context(format!(

@@ -146,6 +146,30 @@ fn token_with_unknown_role_fails_in_one_line() {
 }
 
 #[test]
+fn token_for_a_missing_data_directory_fails_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let message = run_failing(
+        chartlog()
+            .args(["token", "--sub", "x", "--role", "nurse", "--data"])
+            .arg(&missing),
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+    assert!(!missing.exists(), "the token command created the directory");
+}
+
+#[test]
+fn config_file_error_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("typo.toml");
+    std::fs::write(&config, "lisen = \"127.0.0.1:1\"\n[kafka\n").unwrap();
+    let message = run_failing(chartlog().args(["serve", "--config"]).arg(&config));
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains("invalid config file"), "{message}");
+}
+
+#[test]
 fn token_prints_a_jwt() {
     let dir = tempfile::tempdir().unwrap();
     let output = chartlog()

@@ -267,9 +267,10 @@ fn verify(
             report.problems.len()
         );
     }
+    let count = report.problems.len();
     eprintln!(
-        "verification failed: {} problems; the first bad event is at {}",
-        report.problems.len(),
+        "verification failed: {count} {}; the first bad event is at {}",
+        if count == 1 { "problem" } else { "problems" },
         report.problems[0]
     );
     Ok(false)
@@ -279,6 +280,9 @@ fn verify(
 const COPY_BATCH: usize = 1000;
 
 fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
+    if !matches!(direction, "to-kafka" | "from-kafka") {
+        anyhow::bail!("unknown direction {direction}; expected to-kafka or from-kafka");
+    }
     let config = NodeConfig {
         data_dir: data.to_path_buf(),
         kek_file: None,

@@ -33,6 +33,9 @@ pub enum KeyStoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The directory of a key-encryption key file named outside the data directory is missing.
+    #[error("the directory of key file {0} does not exist; create it, or correct the path given with --key-file")]
+    NoKeyDirectory(PathBuf),
     /// A key file that this data directory was initialized with is gone.
     #[error("key file {0} is missing; this data directory was initialized with it, so restore it from the key backup or point --key-file at it")]
     Missing(PathBuf),
@@ -248,6 +251,17 @@ impl KeyStore {
     /// or a database that cannot be opened (for example because another server holds it).
     pub fn open(paths: &KeyPaths, create: bool) -> Result<(KeyStore, Vec<PathBuf>), KeyStoreError> {
         let mut created = Vec::new();
+        // A key-encryption key named outside the data directory is shared or managed there:
+        // a mistyped path must not get a new key in a new directory.
+        if let Some(parent) = paths
+            .kek_file
+            .parent()
+            .filter(|parent| *parent != paths.dir)
+        {
+            if !paths.kek_file.exists() && !parent.is_dir() {
+                return Err(KeyStoreError::NoKeyDirectory(paths.kek_file.clone()));
+            }
+        }
         let (kek_bytes, kek_new) = load_or_create(&paths.kek_file, create)?;
         if kek_new {
             created.push(paths.kek_file.clone());
