@@ -162,6 +162,29 @@ impl ChartProjection {
         })
     }
 
+    /// Reads the next log position of the projection at `path` without opening it for
+    /// writing, while a server may use it; `None` when there is no projection there.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when it cannot be opened or read.
+    pub fn read_position(path: &Path) -> Result<Option<u64>, ProjectionError> {
+        // RocksDB creates the directory of a database it fails to open, even read-only.
+        if !path.join("CURRENT").exists() {
+            return Ok(None);
+        }
+        let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), path, false)
+            .map_err(|source| ProjectionError::Storage {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let projection = ChartProjection {
+            db,
+            path: path.to_path_buf(),
+        };
+        projection.position().map(Some)
+    }
+
     fn storage(&self) -> impl Fn(rocksdb::Error) -> ProjectionError + '_ {
         |source| ProjectionError::Storage {
             path: self.path.clone(),

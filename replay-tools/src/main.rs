@@ -207,13 +207,28 @@ fn verify(
         kafka: None,
         url: None,
     };
-    let mut missing_heads = None;
+    // Failures of the log as a whole, beside the problems of single entries.
+    let mut failures = Vec::new();
     let report = match backend {
         "embedded" => {
+            // The projection before the log: a running server only moves both on, so a
+            // projection found ahead of the log means the log lost entries.
+            let applied = chartlog_projections::ChartProjection::read_position(
+                &config.chart_projection_dir(),
+            )
+            .context("cannot read the chart projection's position")?;
             let log = EmbeddedLog::open_read_only(&config.log_dir())
                 .with_context(|| format!("cannot open the log of {}", data.display()))?;
             let heads = log.chart_heads().context("cannot read the chart heads")?;
-            verify_log(&log, &keys, HeadCheck::AtEnd(&heads)).context("cannot read the log")?
+            let report =
+                verify_log(&log, &keys, HeadCheck::AtEnd(&heads)).context("cannot read the log")?;
+            let end = log.end_position().borrow().0;
+            if let Some(applied) = applied.filter(|applied| *applied > end) {
+                failures.push(format!(
+                    "the chart projection has applied {applied} log entries but the log holds {end}: entries were lost from the end of the log"
+                ));
+            }
+            report
         }
         "kafka" => {
             let settings = kafka_settings()?;
@@ -238,7 +253,7 @@ fn verify(
             let report = verify_log(&log, &keys, check).context("cannot read the log")?;
             drop(log);
             if heads.is_none() && report.events > 0 {
-                missing_heads = Some(format!(
+                failures.push(format!(
                     "the head topic {} is missing, so events removed from the end of a chart cannot be detected; a node re-creates it from the log when it next takes the log over",
                     chartlog::log::head_topic::head_topic_name(&settings_topic)
                 ));
@@ -248,11 +263,11 @@ fn verify(
         other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),
     };
     print_report(&report);
-    if let Some(missing) = &missing_heads {
-        eprintln!("FAILED {missing}");
+    for failure in &failures {
+        eprintln!("FAILED {failure}");
     }
     if report.is_ok() {
-        if missing_heads.is_some() {
+        if !failures.is_empty() {
             return Ok(false);
         }
         println!("verified: every signature, hash-chain link, sequence number and payload checks");

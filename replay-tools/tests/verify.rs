@@ -467,3 +467,38 @@ fn wrong_key_encryption_key_is_a_key_problem_not_a_log_problem() {
     assert!(text.contains("does not unwrap"), "{text}");
     assert_eq!(text.lines().count(), 1, "a one-line message: {text}");
 }
+
+#[test]
+fn log_shorter_than_its_projection_fails() {
+    // The log and its heads cut back together, as a lost end of the write-ahead log leaves
+    // them: only the projection still knows how far the log went.
+    let (dir, positions) = sample();
+    // A start waits until the projection has applied the whole log.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let config = NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            kek_file: None,
+            kafka: None,
+            url: None,
+        };
+        Node::open(&config).await.unwrap().shutdown().await;
+    });
+    {
+        let db = open_log_db(dir.path());
+        let heads = db.cf_handle("heads").unwrap();
+        let keys: Vec<Vec<u8>> = db
+            .iterator_cf(heads, rocksdb::IteratorMode::Start)
+            .map(|item| item.unwrap().0.to_vec())
+            .collect();
+        for key in keys {
+            db.delete_cf(heads, key).unwrap();
+        }
+        db.delete(key(*positions.last().unwrap())).unwrap();
+    }
+    let (ok, output) = run_verify(dir.path());
+    assert!(!ok, "a log that lost its end passed: {output}");
+    assert!(
+        output.contains("the chart projection has applied 6 log entries but the log holds 5"),
+        "{output}"
+    );
+}

@@ -309,8 +309,15 @@ impl KafkaLog {
     /// As [`KafkaLog::open`].
     pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
         ensure_topic(&config, &config.topic, "delete").await?;
-        ensure_topic(&config, &head_topic_name(&config.topic), "compact").await?;
-        Self::connect(config, false).await
+        let heads_created =
+            ensure_topic(&config, &head_topic_name(&config.topic), "compact").await?;
+        let log = Self::connect(config, false).await?;
+        if heads_created && log.end.borrow().0 > 0 {
+            // Not the first start on this topic: the recorded heads were lost, and events
+            // removed from the end of a chart until now cannot be detected any more.
+            tracing::error!(topic = %log.config.topic, "the head topic of a log that holds events was missing and was created again; the next take-over records every chart's head from the log as it is");
+        }
+        Ok(log)
     }
 
     /// Connects for reading only: no topic changes and no producer, so a verifier or a copy
