@@ -735,6 +735,10 @@ async fn forged_head_reveals_removed_events() {
         output.contains("events were removed from its end"),
         "{output}"
     );
+    assert!(
+        output.contains("records that are not chart heads (first at offset"),
+        "{output}"
+    );
 
     // A node refuses to take such a log over, so it writes nothing on top of it.
     let node = TestNode::start_in(dir, Some(kafka)).await;

@@ -233,6 +233,7 @@ fn verify(
         "kafka" => {
             let settings = kafka_settings()?;
             let settings_topic = settings.topic.clone();
+            let head_settings = settings.clone();
             let runtime = runtime()?;
             // Data keys of charts other nodes created come from the key topic.
             let key_topic = runtime
@@ -244,9 +245,26 @@ fn verify(
                 .context("cannot open the Kafka log")?;
             // The heads are read first and the log after, so a writer that appends meanwhile
             // moves charts past their recorded heads, which the check allows.
-            let heads = log
-                .recorded_heads()
+            let records = chartlog::log::head_topic::read_heads_noting(&head_settings)
                 .context("cannot read the chart heads of the Kafka log")?;
+            if let Some(records) = &records {
+                let name = chartlog::log::head_topic::head_topic_name(&settings_topic);
+                if !records.tombstones.is_empty() {
+                    failures.push(format!(
+                        "the head topic {name} holds {} tombstones (first at offset {}), which Chartlog never writes: the charts they name have no recorded head, so events removed from their ends cannot be detected",
+                        records.tombstones.len(),
+                        records.tombstones[0]
+                    ));
+                }
+                if !records.malformed.is_empty() {
+                    failures.push(format!(
+                        "the head topic {name} holds {} records that are not chart heads (first at offset {}), which Chartlog never writes",
+                        records.malformed.len(),
+                        records.malformed[0]
+                    ));
+                }
+            }
+            let heads = records.map(|records| records.heads);
             let check = heads
                 .as_deref()
                 .map_or(HeadCheck::Unrecorded, HeadCheck::Before);

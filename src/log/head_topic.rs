@@ -70,6 +70,27 @@ pub fn topic_exists<C: rdkafka::client::ClientContext>(
     }))
 }
 
+/// What the head topic holds: each chart's recorded head, and the offsets of records that
+/// Chartlog never writes there.
+#[derive(Debug, Default)]
+pub struct HeadRecords {
+    /// The last head recorded for each chart.
+    pub heads: Vec<RecordedHead>,
+    /// Offsets of records that are not a head and were skipped.
+    pub malformed: Vec<i64>,
+    /// Offsets of tombstones, each of which removed a chart's head.
+    pub tombstones: Vec<i64>,
+}
+
+/// Reads every chart's recorded head like [`read_heads_noting`], without what was skipped.
+///
+/// # Errors
+///
+/// As [`read_heads_noting`].
+pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, KafkaError> {
+    Ok(read_heads_noting(config)?.map(|records| records.heads))
+}
+
 /// Reads every chart's recorded head, the last record of each chart. Returns `None` when the
 /// topic does not exist, as for a log written before heads were recorded. Blocks.
 ///
@@ -77,7 +98,7 @@ pub fn topic_exists<C: rdkafka::client::ClientContext>(
 ///
 /// The Kafka error when the topic cannot be read, or [`KafkaError::Canceled`] when the read
 /// timed out. Malformed records are logged with their offset and skipped.
-pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, KafkaError> {
+pub fn read_heads_noting(config: &KafkaConfig) -> Result<Option<HeadRecords>, KafkaError> {
     let name = head_topic_name(&config.topic);
     let consumer = reader_consumer(config).map_err(|_| KafkaError::Canceled)?;
     if !topic_exists(consumer.client(), &name, READ_TIMEOUT)? {
@@ -85,6 +106,8 @@ pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, Kaf
     }
     let (_, high) = consumer.fetch_watermarks(&name, HEAD_PARTITION, READ_TIMEOUT)?;
     let mut heads: HashMap<ChartId, (EventSeq, [u8; 32])> = HashMap::new();
+    let mut malformed = Vec::new();
+    let mut tombstones = Vec::new();
     if high > 0 {
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&name, HEAD_PARTITION, Offset::Beginning)?;
@@ -102,6 +125,7 @@ pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, Kaf
                                 "chart head removed by a tombstone; that chart's end is not checked"
                             );
                             heads.remove(&ChartId::from_bytes(chart));
+                            tombstones.push(message.offset());
                         }
                         (payload, _) => match decode_head(key, payload.unwrap_or_default()) {
                             Some((chart_id, seq, digest)) => {
@@ -109,10 +133,13 @@ pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, Kaf
                             }
                             // Nothing Chartlog writes looks like this. Skipping it keeps every
                             // valid head checked; stopping here would stop every take-over.
-                            None => tracing::error!(
-                                offset = message.offset(),
-                                "malformed chart head record skipped"
-                            ),
+                            None => {
+                                tracing::error!(
+                                    offset = message.offset(),
+                                    "malformed chart head record skipped"
+                                );
+                                malformed.push(message.offset());
+                            }
                         },
                     }
                     if message.offset() + 1 >= high {
@@ -126,12 +153,14 @@ pub fn read_heads(config: &KafkaConfig) -> Result<Option<Vec<RecordedHead>>, Kaf
             }
         }
     }
-    Ok(Some(
-        heads
+    Ok(Some(HeadRecords {
+        heads: heads
             .into_iter()
             .map(|(chart_id, (seq, digest))| (chart_id, seq, digest))
             .collect(),
-    ))
+        malformed,
+        tombstones,
+    }))
 }
 
 #[cfg(test)]

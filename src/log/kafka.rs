@@ -336,7 +336,7 @@ impl KafkaLog {
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let consumer = reader_consumer(&config)?;
-            check_partitions(consumer.client(), &config.topic)?;
+            check_partitions(consumer.client(), &config)?;
             let (_, high) = consumer
                 .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
@@ -757,16 +757,30 @@ pub(crate) async fn check_topic(
 /// others would be neither read nor verified.
 fn check_partitions<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
-    topic: &str,
+    config: &KafkaConfig,
 ) -> Result<(), KafkaOpenError> {
+    let topic = config.topic.as_str();
     let metadata = client
         .fetch_metadata(Some(topic), APPEND_TIMEOUT)
         .map_err(client_error("reading the topic's metadata"))?;
-    let partitions = metadata
+    let listed = metadata
         .topics()
         .iter()
-        .find(|listed| listed.name() == topic)
-        .map_or(0, |listed| listed.partitions().len());
+        .find(|listed| listed.name() == topic);
+    let partitions = listed.map_or(0, |listed| listed.partitions().len());
+    let replicas = listed
+        .and_then(|listed| listed.partitions().first())
+        .map_or(0, |partition| partition.replicas().len());
+    if replicas > 0 && (replicas as i32) < config.replication_factor {
+        // Created earlier with fewer copies: acknowledged writes survive fewer broker losses
+        // than configured. Changing it is a partition reassignment, an operator's decision.
+        tracing::warn!(
+            topic,
+            replicas,
+            configured = config.replication_factor,
+            "the topic has fewer replicas than the configured replication factor"
+        );
+    }
     if partitions > 1 {
         return Err(KafkaOpenError::Partitions {
             topic: topic.to_owned(),
@@ -955,7 +969,7 @@ impl EventLog for KafkaLog {
             .block_on(check_topic(&self.config, &self.config.topic, "delete"))
             .map_err(|error| AppendError::Unavailable(error.into()))?;
         reader_consumer(&self.config)
-            .and_then(|consumer| check_partitions(consumer.client(), &self.config.topic))
+            .and_then(|consumer| check_partitions(consumer.client(), &self.config))
             .map_err(|error| AppendError::Unavailable(error.into()))?;
         // The topics beside the log were there when the log was opened; a key or head topic
         // deleted since would stop every append, and the loss of the head topic would go
