@@ -432,9 +432,12 @@ impl Node {
             .wait_for_projection(end, Duration::from_secs(600))
             .await;
         if let Err(error) = projected {
-            if !created.is_empty() && end.0 > 0 {
+            // New keys meeting an old log, or a log signed by a key the trusted list lacks:
+            // both mean the node's key files are not those of the log's other nodes.
+            let foreign_signer = format!("{error:#}").contains("unknown signer");
+            if (!created.is_empty() && end.0 > 0) || foreign_signer {
                 return Err(error.context(
-                    "this node created new keys at this start, but the log holds events written before; every node on one log needs the same kek.key, node-signing.key and trusted-signers, copied before its first start",
+                    "the log holds events this node's key files cannot check; every node on one log needs the same kek.key, node-signing.key and trusted-signers, copied before its first start",
                 ));
             }
             return Err(error);

@@ -808,24 +808,47 @@ async fn node_with_keys_of_its_own_is_told_to_share_them() {
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
 
-    // A second node started on the topic without the first node's key files.
+    // A second node started on the topic without the first node's key files, twice: at its
+    // first start it creates keys of its own, at the second it finds them.
     let dir = tempfile::tempdir().unwrap();
-    let config = chartlog::node::NodeConfig {
-        data_dir: dir.path().to_path_buf(),
-        kek_file: None,
-        kafka: Some(kafka),
-        url: Some("http://second.test/fhir".to_owned()),
-    };
-    let error = chartlog::node::Node::open(&config)
-        .await
-        .err()
-        .expect("a node with keys of its own started on a log it cannot read");
-    let message = format!("{error:#}");
-    assert!(message.contains("unknown signer"), "{message}");
-    assert!(
-        message.contains("needs the same kek.key, node-signing.key and trusted-signers"),
-        "{message}"
-    );
+    let binary = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("chartlog");
+    for attempt in ["first", "second"] {
+        let output = Process::new(&binary)
+            .args([
+                "serve",
+                "--log-backend",
+                "kafka",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(dir.path())
+            .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+            .env("CHARTLOG_KAFKA_TOPIC", &kafka.topic)
+            .env("CHARTLOG_BASE_URL", "http://second.test/fhir")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "the {attempt} start succeeded");
+        let message = stderr
+            .lines()
+            .find(|line| line.starts_with("chartlog:"))
+            .unwrap_or_default();
+        assert!(
+            message.contains("unknown signer"),
+            "{attempt} start: {stderr}"
+        );
+        assert!(
+            message.contains("needs the same kek.key, node-signing.key and trusted-signers"),
+            "{attempt} start: {stderr}"
+        );
+    }
     first.stop().await;
 }
 
