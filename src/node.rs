@@ -353,8 +353,12 @@ impl Node {
         }
 
         let (shutdown, shutdown_receiver) = watch::channel(false);
-        let (writer, writer_thread) =
-            Writer::start(log.clone(), keys.clone(), Arc::new(RwLock::new(state)));
+        let (writer, writer_thread) = Writer::start(
+            log.clone(),
+            keys.clone(),
+            Arc::new(RwLock::new(state)),
+            LogPosition(applied),
+        );
         let (projector, projector_task) = projector::start(
             log.clone(),
             keys.clone(),

@@ -116,6 +116,7 @@ impl Writer {
         log: Arc<dyn EventLog>,
         keys: Arc<KeyStore>,
         state: Arc<RwLock<WriterState>>,
+        projected: LogPosition,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         state
             .write()
@@ -137,6 +138,7 @@ impl Writer {
                     thread_state,
                     thread_failing,
                     thread_counters,
+                    projected,
                 )
             })
             .expect("the operating system can start the writer thread");
@@ -246,6 +248,7 @@ fn run(
     state: Arc<RwLock<WriterState>>,
     appends_failing: Arc<AtomicBool>,
     counters: Arc<AppendCounters>,
+    projected: LogPosition,
 ) {
     tracing::info!("writer started");
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
@@ -274,7 +277,7 @@ fn run(
             }
         }
         if let Some(reply) = take_over {
-            let outcome = take_log_over(log.as_ref(), &keys, &state);
+            let outcome = take_log_over(log.as_ref(), &keys, &state, projected);
             if outcome.is_ok() {
                 appends_failing.store(false, Ordering::Relaxed);
             }
@@ -291,8 +294,18 @@ fn take_log_over(
     log: &dyn EventLog,
     keys: &KeyStore,
     state: &RwLock<WriterState>,
+    projected: LogPosition,
 ) -> anyhow::Result<()> {
     log.begin_ownership()?;
+    // The projection had applied this much when the node started; a log that ends before it
+    // lost entries, and writing on would start chains again on top of the loss.
+    let end = *log.end_position().borrow();
+    if end < projected {
+        log.release_ownership();
+        anyhow::bail!(
+            "the log ends at position {end} but this node's projection has applied {projected} entries: entries were lost from the log; restore it from a backup and run chartlog-replay verify"
+        );
+    }
     let mut rebuilt = crate::node::rebuild_writer_state(log, keys)?;
     rebuilt.set_resource_limit(log.max_resource_bytes());
     if let Some(heads) = log.recorded_heads()? {

@@ -1165,3 +1165,53 @@ async fn standby_follows_a_key_topic_created_again() {
     second.stop().await;
     first.stop().await;
 }
+
+#[tokio::test]
+async fn event_topic_emptied_behind_a_node_away_from_the_cluster_is_refused() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = node
+        .create(&patient("Emptied", "Topic", "1945-04-04"))
+        .await;
+    let (dir, _) = node.stop().await;
+
+    // The event topic deleted and created again empty, and the node then started while the
+    // cluster is away, so it cannot see at start that its log shrank.
+    delete_topics(&kafka, &[&kafka.topic]).await;
+    create_topic(
+        &kafka.bootstrap_servers,
+        &kafka.topic,
+        1,
+        &[("retention.ms", "-1"), ("retention.bytes", "-1")],
+    )
+    .await;
+    let outage = StoppedBroker::stop();
+    let node = TestNode::start_in(dir, Some(kafka.clone())).await;
+    outage.start();
+
+    let refused = eventually(Duration::from_secs(60), || async {
+        let health = node.call(Method::GET, "/health", None, None, &[]).await;
+        let reason = health.json["log"]["ownership"]["take_over_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        reason.contains("entries were lost").then_some(reason)
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the node took over a log that lost its entries"
+    );
+    let reply = post_weight(&node, &patient_id, "70.0", "2024-04-04T00:00:00Z").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
+    assert_eq!(
+        *node.node.log.end_position().borrow(),
+        chartlog::log::LogPosition(0),
+        "something was written on the emptied topic"
+    );
+}

@@ -1098,7 +1098,7 @@ impl EventLog for KafkaLog {
                 .consumer
                 .fetch_watermarks(&self.config.topic, PARTITION, Duration::from_secs(1))
         {
-            if high.max(0) as u64 > 0 && (high as u64) < from.0 {
+            if (high.max(0) as u64) < from.0 {
                 return Err(ReadError {
                     position: from,
                     source: Box::new(super::EntriesLost { end: high as u64 }),
