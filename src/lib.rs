@@ -33,3 +33,32 @@ pub mod node;
 pub mod projector;
 pub mod verify;
 pub mod writer;
+
+/// Formats an error and its causes on one line for the command line, leaving out a cause that
+/// only repeats the text before it, as Kafka client errors do.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if parts.last().is_some_and(|last| last.contains(&text)) {
+            continue;
+        }
+        parts.push(text);
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn repeated_cause_is_left_out() {
+        let inner = anyhow::anyhow!("BrokerTransportFailure (Local: Broker transport failure)");
+        let error = inner
+            .context("BrokerTransportFailure (Local: Broker transport failure)")
+            .context("kafka topic creation failed");
+        assert_eq!(
+            super::one_line(&error),
+            "kafka topic creation failed: BrokerTransportFailure (Local: Broker transport failure)"
+        );
+    }
+}

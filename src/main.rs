@@ -108,7 +108,7 @@ fn main() {
         } => token(&data, &sub, &role, ttl),
     };
     if let Err(error) = outcome {
-        eprintln!("chartlog: {error:#}");
+        eprintln!("chartlog: {}", chartlog::one_line(&error));
         std::process::exit(1);
     }
 }

@@ -93,7 +93,7 @@ fn main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(error) => {
-            eprintln!("chartlog-replay: {error:#}");
+            eprintln!("chartlog-replay: {}", chartlog::one_line(&error));
             std::process::exit(2);
         }
     }
