@@ -569,11 +569,13 @@ async fn take_over_round(
     for record in records {
         match journal.open_handoff(record.offset as u64, &record.bytes) {
             Ok(access) => accesses.push((record.offset, access)),
-            // Not sealed with a data key of this log, or its key is gone: it can never be
-            // recorded, and keeping it would block every access behind it.
+            // Not sealed with a data key of this log, or its key is gone or was never shared
+            // (the owner has read the key topic to its end): it can never be recorded, and
+            // keeping it would block every access behind it.
             Err(JournalError::Unreadable(_))
             | Err(JournalError::Keys(
                 crypto::KeyStoreError::MissingDataKey(_)
+                | crypto::KeyStoreError::NotShared(_)
                 | crypto::KeyStoreError::Corrupt(_)
                 | crypto::KeyStoreError::Unwrap(..),
             )) => {

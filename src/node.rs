@@ -118,12 +118,35 @@ fn explain_lock(error: anyhow::Error, data_dir: &Path) -> anyhow::Error {
 pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Result<WriterState> {
     let mut state = WriterState::default();
     let mut position = LogPosition(0);
+    // A read can come back empty before the end, as from a Kafka consumer that is still
+    // fetching after an outage; a state rebuilt from part of the log would look as if events
+    // were removed. So read up to the end known now.
+    let end = *log.end_position().borrow();
+    let started = Instant::now();
     loop {
         let entries = log
             .read_from(position, 4096)
             .context("reading the log at start-up")?;
         if entries.is_empty() {
-            break;
+            if position >= end {
+                break;
+            }
+            // Past transaction markers, Kafka's next position may already be the end.
+            let resumed = log
+                .resume_position(position)
+                .context("reading the log at start-up")?;
+            if resumed >= end {
+                break;
+            }
+            position = position.max(resumed);
+            if started.elapsed() > REBUILD_READ_LIMIT {
+                anyhow::bail!(
+                    "the log could not be read past position {position} of {end} within {} s",
+                    REBUILD_READ_LIMIT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
         }
         for (at, envelope) in &entries {
             if log.is_dense() && *at != position {
@@ -150,6 +173,9 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
     }
     Ok(state)
 }
+
+/// How long rebuilding the writer state may wait for reads to reach the end of the log.
+const REBUILD_READ_LIMIT: Duration = Duration::from_secs(60);
 
 /// How long opening a node on Kafka waits for the owner group to decide its role.
 const ROLE_WAIT: Duration = Duration::from_secs(60);
