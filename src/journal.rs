@@ -486,14 +486,14 @@ async fn drain_round(journal: &Arc<AccessJournal>, writer: &Writer) -> (usize, b
     (count, stalled)
 }
 
-/// What a node on Kafka needs to hand accesses to the owner of the log, or, as the owner, to
-/// take those other nodes handed over.
+/// Handles a node on Kafka needs to hand accesses to the owner of the log, or, as the owner,
+/// to record those that other nodes handed over.
 pub struct Handoff {
     /// The access topic.
     pub topic: Arc<AccessTopic>,
     /// This node's role in the owner group.
     pub role: watch::Receiver<Role>,
-    /// The log, which says whether this node owns it.
+    /// The log, which reports whether this node owns it.
     pub log: Arc<dyn EventLog>,
     /// This node's own base URL, which the group names as the owner's while this node is about
     /// to take the log over.
@@ -570,8 +570,8 @@ async fn take_over_round(
         match journal.open_handoff(record.offset as u64, &record.bytes) {
             Ok(access) => accesses.push((record.offset, access)),
             // Not sealed with a data key of this log, or its key is gone or was never shared
-            // (the owner has read the key topic to its end): it can never be recorded, and
-            // keeping it would block every access behind it.
+            // (the owner read the key topic to its end). It can never be recorded, so it is
+            // skipped rather than block every access behind it.
             Err(JournalError::Unreadable(_))
             | Err(JournalError::Keys(
                 crypto::KeyStoreError::MissingDataKey(_)
@@ -613,7 +613,7 @@ async fn take_over_round(
 
 /// Starts the task that moves waiting accesses onto the log, until `shutdown` turns true. On
 /// Kafka (`handoff`), a node that does not own the log hands its waiting accesses to the owner
-/// once it knows one, and the owner records the accesses handed to it.
+/// once it finds one, and the owner records the accesses handed to it.
 ///
 /// The task keeps only a weak writer handle and upgrades it for one round at a time, so it
 /// never keeps the writer thread, and the log that thread has open, running after the node is

@@ -118,9 +118,9 @@ fn explain_lock(error: anyhow::Error, data_dir: &Path) -> anyhow::Error {
 pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Result<WriterState> {
     let mut state = WriterState::default();
     let mut position = LogPosition(0);
-    // A read can come back empty before the end, as from a Kafka consumer that is still
-    // fetching after an outage; a state rebuilt from part of the log would look as if events
-    // were removed. So read up to the end known now.
+    // A read can return nothing before the end, as from a Kafka consumer that is still
+    // fetching after an outage. A state rebuilt from part of the log would look as if events
+    // were removed, so the rebuild reads up to the end known now.
     let end = *log.end_position().borrow();
     let started = Instant::now();
     loop {

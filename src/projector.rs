@@ -80,34 +80,25 @@ pub fn open_envelope(
 ) -> Result<(EventHeader, EventPayload, [u8; 32]), ProjectError> {
     let checked = crypto::check_envelope(&envelope.0, keys.trusted_signers())
         .map_err(|source| ProjectError::Integrity { position, source })?;
+    open_checked(keys, position, &checked)
+}
+
+/// Decrypts an envelope whose layout and digest, and signature if needed, were checked.
+fn open_checked(
+    keys: &KeyStore,
+    position: LogPosition,
+    checked: &crypto::CheckedEnvelope<'_>,
+) -> Result<(EventHeader, EventPayload, [u8; 32]), ProjectError> {
     let data_key = keys
         .data_key(checked.parsed.header.key_id)
         .map_err(|source| ProjectError::Key { position, source })?;
-    let payload = crypto::open_payload(&checked, &data_key)
+    let payload = crypto::open_payload(checked, &data_key)
         .map_err(|source| ProjectError::Integrity { position, source })?;
     Ok((
         checked.parsed.header.clone(),
         payload,
         checked.parsed.digest,
     ))
-}
-
-/// Opens an envelope that this node sealed, read back byte for byte: its layout and digest are
-/// checked and its payload decrypted, but its signature, made by this node over these very
-/// bytes, is not checked again.
-fn open_own_envelope(
-    keys: &KeyStore,
-    position: LogPosition,
-    envelope: &Envelope,
-) -> Result<(EventHeader, EventPayload), ProjectError> {
-    let checked = crypto::check_stored_envelope(&envelope.0)
-        .map_err(|source| ProjectError::Integrity { position, source })?;
-    let data_key = keys
-        .data_key(checked.parsed.header.key_id)
-        .map_err(|source| ProjectError::Key { position, source })?;
-    let payload = crypto::open_payload(&checked, &data_key)
-        .map_err(|source| ProjectError::Integrity { position, source })?;
-    Ok((checked.parsed.header.clone(), payload))
 }
 
 /// Applies the next batch of log entries. Returns the new position, or `None` when the
@@ -154,12 +145,18 @@ pub fn apply_next(
             opened.push((*position, parsed.header, placeholder));
             continue;
         }
-        // Bytes this node signed itself carry a valid signature; any others are checked.
-        let (header, payload) = if keys.recently_sealed().take(&envelope.0) {
-            open_own_envelope(keys, *position, envelope)?
+        // Bytes this node signed itself carry a valid signature, so only other bytes have
+        // their signature checked.
+        let (header, payload, _) = if keys.recently_sealed().take(&envelope.0) {
+            let checked = crypto::check_stored_envelope(&envelope.0).map_err(|source| {
+                ProjectError::Integrity {
+                    position: *position,
+                    source,
+                }
+            })?;
+            open_checked(keys, *position, &checked)?
         } else {
-            let (header, payload, _) = open_envelope(keys, *position, envelope)?;
-            (header, payload)
+            open_envelope(keys, *position, envelope)?
         };
         opened.push((*position, header, payload));
     }
@@ -179,7 +176,7 @@ pub fn apply_next(
     Ok(Some(projection.position()?))
 }
 
-/// Formats an error with its causes, for a halt reason that says which check failed. Errors
+/// Formats an error with its causes, for a halt reason that names the failed check. Errors
 /// here name positions, ids and checks, never contents.
 fn error_chain(error: &ProjectError) -> String {
     let mut text = error.to_string();

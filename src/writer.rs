@@ -297,8 +297,8 @@ fn take_log_over(
     projected: LogPosition,
 ) -> anyhow::Result<()> {
     log.begin_ownership()?;
-    // The projection had applied this much when the node started; a log that ends before it
-    // lost entries, and writing on would start chains again on top of the loss.
+    // The projection had applied this much when the node started. A log that ends before it
+    // lost entries, so writing on would start chains again on top of the loss.
     let end = *log.end_position().borrow();
     if end < projected {
         log.release_ownership();

@@ -146,7 +146,7 @@ fn token_with_unknown_role_fails_in_one_line() {
 }
 
 #[test]
-fn token_for_a_missing_data_directory_fails_in_one_line() {
+fn token_missing_data_directory() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("typo");
     let message = run_failing(

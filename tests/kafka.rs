@@ -758,7 +758,7 @@ async fn forged_head_reveals_removed_events() {
         "{}",
         owner.text
     );
-    // `/health` says why, for the operator who has to act.
+    // `/health` gives the reason, for the operator who has to act.
     let reason = eventually(Duration::from_secs(20), || async {
         let health = node.call(Method::GET, "/health", None, None, &[]).await;
         health.json["log"]["ownership"]["take_over_error"]
@@ -797,7 +797,7 @@ async fn refused_session_timeout_stops_the_start() {
 }
 
 #[tokio::test]
-async fn node_with_keys_of_its_own_is_told_to_share_them() {
+async fn foreign_keys_get_sharing_hint() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let created = first
@@ -882,7 +882,7 @@ async fn delete_topics(kafka: &chartlog::log::KafkaConfig, names: &[&str]) {
 }
 
 #[tokio::test]
-async fn lost_key_and_head_topics_are_restored_at_take_over() {
+async fn lost_side_topics_restored() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let patient_id = node.create(&patient("Lost", "Topics", "1975-05-05")).await;
@@ -961,7 +961,7 @@ async fn lost_key_and_head_topics_are_restored_at_take_over() {
 }
 
 #[tokio::test]
-async fn node_restarted_during_an_outage_serves_reads_then_writes() {
+async fn outage_restart_serves_reads() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let patient_id = node
@@ -1018,7 +1018,7 @@ async fn node_restarted_during_an_outage_serves_reads_then_writes() {
 }
 
 #[tokio::test]
-async fn first_start_without_the_cluster_fails() {
+async fn first_start_needs_cluster() {
     let mut kafka =
         common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     // Nothing listens on the discard port of loopback.
@@ -1039,7 +1039,7 @@ async fn first_start_without_the_cluster_fails() {
 }
 
 #[tokio::test]
-async fn standby_hands_its_journaled_accesses_to_the_owner() {
+async fn standby_hands_accesses_to_owner() {
     use chartlog::journal::PendingAccess;
     use chartlog_schemas::{AccessedResource, ChartAccessed, CommandId};
 
@@ -1114,7 +1114,7 @@ async fn standby_hands_its_journaled_accesses_to_the_owner() {
 }
 
 #[tokio::test]
-async fn standby_follows_a_key_topic_created_again() {
+async fn standby_follows_recreated_key_topic() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let early = first.create(&patient("Early", "Keys", "1950-01-01")).await;
@@ -1139,8 +1139,8 @@ async fn standby_follows_a_key_topic_created_again() {
         &[&chartlog::log::key_topic::key_topic_name(&kafka.topic)],
     )
     .await;
-    // The owner's next write fails, it takes the log over again and fills the new key topic;
-    // the chart it then creates has a key the standby must find there.
+    // The owner's next write fails, so it takes the log over again and fills the new key
+    // topic. The chart it then creates has a key that the standby must find there.
     let late = eventually(Duration::from_secs(30), || async {
         let reply = first
             .post(
@@ -1167,7 +1167,7 @@ async fn standby_follows_a_key_topic_created_again() {
 }
 
 #[tokio::test]
-async fn event_topic_emptied_behind_a_node_away_from_the_cluster_is_refused() {
+async fn emptied_topic_take_over_rejected() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let patient_id = node

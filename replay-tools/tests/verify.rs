@@ -259,7 +259,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 #[test]
-fn auditor_without_the_signing_key_verifies_and_writes_nothing() {
+fn auditor_copy_verifies_read_only() {
     let (dir, _) = sample();
     // The auditor's copy: everything but the node's private signing key.
     let audit = tempfile::tempdir().unwrap();
@@ -279,7 +279,7 @@ fn auditor_without_the_signing_key_verifies_and_writes_nothing() {
 }
 
 #[test]
-fn verify_before_the_first_start_leaves_the_node_able_to_start() {
+fn verify_before_first_start() {
     // A new node's directory holds only the key files it shares with the others.
     let (dir, _) = sample();
     let fresh = tempfile::tempdir().unwrap();
@@ -369,7 +369,7 @@ fn append_observation(dir: &Path, id: &str) {
 }
 
 #[test]
-fn heads_read_before_later_writes_are_checked_where_they_stand() {
+fn earlier_heads_checked_in_place() {
     use chartlog::crypto::keystore::KeyPaths;
     use chartlog::crypto::KeyStore;
     use chartlog::log::EmbeddedLog;
@@ -416,7 +416,7 @@ fn heads_read_before_later_writes_are_checked_where_they_stand() {
 }
 
 #[test]
-fn verify_that_stops_early_claims_nothing_about_unread_charts() {
+fn early_stop_skips_head_checks() {
     use chartlog::crypto::keystore::KeyPaths;
     use chartlog::crypto::KeyStore;
     use chartlog::log::{EmbeddedLog, EventLog};
@@ -448,7 +448,7 @@ fn verify_that_stops_early_claims_nothing_about_unread_charts() {
 }
 
 #[test]
-fn wrong_key_encryption_key_is_a_key_problem_not_a_log_problem() {
+fn wrong_kek_exits_two() {
     use std::os::unix::fs::PermissionsExt;
 
     let (dir, _) = sample();
@@ -471,7 +471,7 @@ fn wrong_key_encryption_key_is_a_key_problem_not_a_log_problem() {
 #[test]
 fn log_shorter_than_its_projection_fails() {
     // The log and its heads cut back together, as a lost end of the write-ahead log leaves
-    // them: only the projection still knows how far the log went.
+    // them. Only the projection still records how far the log went.
     let (dir, positions) = sample();
     // A start waits until the projection has applied the whole log.
     tokio::runtime::Runtime::new().unwrap().block_on(async {

@@ -231,9 +231,8 @@ pub fn app(state: AppState) -> Router {
                         .to_owned();
                     tracing::debug_span!("request", method = %request.method(), route)
                 })
-                // Errors are logged where they arise, with what caused them; logged again here,
-                // every 503 that a standby's `/health/owner` gives a load balancer's probe would
-                // be an error line.
+                // Errors are logged where they arise, with their cause. Logged again here, every
+                // 503 of a standby's `/health/owner` to a load balancer's probe would be an error.
                 .on_failure(
                     tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
                 ),
@@ -254,11 +253,11 @@ async fn route_to_owner(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
 
-    // A write is answered only once the projection includes it. With the projector halted it
-    // would be appended and still answered 503, and a retry would append it again.
+    // A write responds only once the projection includes it. With the projector halted it
+    // would be appended and still get 503, so a retry would append it again.
     if is_write(&request) && state.projector.borrow().halted.is_some() {
         return ApiError::unavailable(
-            "the chart projection stopped at a log entry that failed its checks; writes are refused until an operator acts (see /health)",
+            "the chart projection stopped at a log entry that failed its checks; writes are rejected until an operator repairs the log (see /health)",
         )
         .into_response();
     }

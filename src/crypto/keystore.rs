@@ -161,9 +161,8 @@ pub struct KeyStore {
     kek_fingerprint: [u8; 8],
     signer: NodeSigner,
     trusted: TrustedSigners,
-    /// The wrapped data keys; `None` only for a read-only open of a data directory whose key
-    /// database was never created (a verifier reading a Kafka log takes its keys from the key
-    /// topic).
+    /// Database of wrapped data keys. It is `None` only for a read-only open of a data
+    /// directory whose key database was never created, as a verifier of a Kafka log has.
     db: Option<rocksdb::DB>,
     db_path: PathBuf,
     cache: RwLock<HashMap<KeyId, Arc<SymmetricKey>>>,
@@ -303,8 +302,8 @@ impl KeyStore {
             Err(error) => return Err(error),
         };
         let db_path = paths.data_keys();
-        // RocksDB creates the directory of a database it fails to open, even read-only, and
-        // the node would then refuse to start on it; so look before opening.
+        // RocksDB creates the directory of a database it fails to open, even read-only, so
+        // check for the database before opening it.
         let db = if db_path.join("CURRENT").exists() {
             Some(
                 rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &db_path, false)
@@ -320,7 +319,7 @@ impl KeyStore {
     }
 
     /// Builds the store from the raw key bytes, which it zeroizes, and the open database.
-    /// `reader` is set for a read-only store, with the signers it was told to trust, if any.
+    /// `reader` is set for a read-only store, with the pinned signers to trust, if any.
     fn assemble(
         paths: &KeyPaths,
         mut kek_bytes: [u8; 32],
@@ -748,7 +747,7 @@ mod tests {
     }
 
     #[test]
-    fn node_whose_signing_key_the_shared_list_leaves_out_is_refused() {
+    fn untrusted_own_signer_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let paths = KeyPaths::under(dir.path(), None);
         drop(KeyStore::open(&paths, true).unwrap());
@@ -769,7 +768,7 @@ mod tests {
     }
 
     #[test]
-    fn reader_with_shared_files_only_creates_nothing() {
+    fn shared_files_reader_creates_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let paths = KeyPaths::under(dir.path(), None);
         let (writer, _) = KeyStore::open(&paths, true).unwrap();

@@ -304,7 +304,7 @@ impl RecentlySealed {
         }
     }
 
-    /// Returns whether `bytes` are exactly an envelope this node sealed, and forgets it.
+    /// Returns whether `bytes` are exactly an envelope this node sealed, and removes it.
     pub fn take(&self, bytes: &[u8]) -> bool {
         let hash = blake3::hash(bytes);
         self.hashes
@@ -342,7 +342,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_exact_sealed_bytes_skip_the_signature_check() {
+    fn sealed_bytes_match_exactly() {
         let (header, payload, key, signer) = sample();
         let envelope = seal_event(&header, &payload, &key, &signer);
         let sealed = RecentlySealed::default();

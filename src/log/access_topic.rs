@@ -1,5 +1,5 @@
 //! The access topic: accesses that a node journaled while it knew no owner of the log, handed
-//! to the owner once it knows one.
+//! to the owner once it finds one.
 //!
 //! Only the owner appends to the log, so a standby cannot record the accesses of the reads it
 //! served during an outage. It sends each journaled access here instead, encrypted as in its

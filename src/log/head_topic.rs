@@ -50,7 +50,7 @@ fn decode_head(key: &[u8], value: &[u8]) -> Option<RecordedHead> {
     Some((ChartId::from_bytes(chart), EventSeq(seq), digest))
 }
 
-/// Returns whether the cluster knows the topic `name`. Blocks.
+/// Returns whether the cluster lists the topic `name`. Blocks.
 ///
 /// # Errors
 ///
@@ -70,7 +70,7 @@ pub fn topic_exists<C: rdkafka::client::ClientContext>(
     }))
 }
 
-/// What the head topic holds: each chart's recorded head, and the offsets of records that
+/// Contents of the head topic: each chart's recorded head, and the offsets of records that
 /// Chartlog never writes there.
 #[derive(Debug, Default)]
 pub struct HeadRecords {

@@ -61,7 +61,7 @@ pub struct ReadError {
 #[derive(Debug, thiserror::Error)]
 #[error("the log now ends at position {end}, before entries already read: entries were lost from the log; restore it from a backup and run chartlog-replay verify")]
 pub struct EntriesLost {
-    /// Where the log ends now.
+    /// Position one past the log's last entry now.
     pub end: u64,
 }
 
