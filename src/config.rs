@@ -143,7 +143,7 @@ impl ServeSettings {
             .unwrap_or_else(|| "embedded".to_owned());
         let kafka = match backend.as_str() {
             "embedded" => None,
-            "kafka" => Some(KafkaConfig::from_env(file.kafka).context(
+            "kafka" => Some(KafkaConfig::from_env(file.kafka)?.context(
                 "the kafka log backend needs CHARTLOG_KAFKA_BOOTSTRAP_SERVERS or [kafka] bootstrap_servers in the config file",
             )?),
             other => anyhow::bail!("unknown log backend {other}; expected embedded or kafka"),

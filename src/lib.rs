@@ -48,6 +48,31 @@ pub fn one_line(error: &anyhow::Error) -> String {
     parts.join(": ").replace('\n', " ")
 }
 
+/// Parses the command line of `program`, answering a usage error with one line and exit
+/// status 2, as every other command-line error is answered. Help and version print as clap
+/// writes them.
+pub fn parse_command_line<T: clap::Parser>(program: &str) -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                error.exit();
+            }
+            let text = error.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("{program}: {first}; see {program} --help");
+            std::process::exit(2);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

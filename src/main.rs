@@ -79,7 +79,7 @@ fn init_tracing() {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = chartlog::parse_command_line("chartlog");
     let outcome = match cli.command {
         Commands::Serve {
             data,

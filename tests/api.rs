@@ -1290,6 +1290,59 @@ async fn compliance_officer_reads_the_access_log() {
 }
 
 #[tokio::test]
+async fn access_log_pages_do_not_repeat_entries() {
+    let node = TestNode::start().await;
+    let patient_id = node.create(&patient("Page", "Trail", "1971-01-01")).await;
+    for _ in 0..5 {
+        let read = node.get(&format!("/fhir/Patient/{patient_id}")).await;
+        assert_eq!(read.status, StatusCode::OK);
+    }
+    let officer = node.token("privacy-2", "compliance-officer");
+    let mut uri = format!("/fhir/Patient/{patient_id}/$access-log?_count=2");
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    loop {
+        let reply = node
+            .call(Method::GET, &uri, Some(&officer), None, &[])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        pages += 1;
+        for entry in reply.json["entry"].as_array().unwrap() {
+            ids.push(entry["resource"]["id"].as_str().unwrap().to_owned());
+        }
+        let next = reply.json["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|link| link["relation"] == "next")
+            .map(|link| link["url"].as_str().unwrap().replace(common::BASE, "/fhir"));
+        match next {
+            Some(next) => uri = next,
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3, "five reads at two per page");
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(
+        ids.len(),
+        5,
+        "each read once, the officer's own reads not among them: {ids:?}"
+    );
+    assert_eq!(distinct.len(), 5, "no entry repeated across pages: {ids:?}");
+
+    let bad = node
+        .call(
+            Method::GET,
+            &format!("/fhir/Patient/{patient_id}/$access-log?_before-position=soon"),
+            Some(&officer),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text);
+}
+
+#[tokio::test]
 async fn metrics_report_projection_lag() {
     let node = TestNode::start().await;
     node.create(&patient("Metric", "Check", "1980-01-01")).await;
@@ -1461,5 +1514,26 @@ async fn writes_are_refused_while_the_projector_is_halted() {
         health.json["log"]["accepting_writes"], false,
         "{}",
         health.text
+    );
+    let anonymous = node
+        .call(
+            Method::POST,
+            "/fhir/Patient",
+            None,
+            Some(&patient("No", "Token", "1970-03-03").to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        anonymous.status,
+        StatusCode::UNAUTHORIZED,
+        "a missing token is named before the halt: {}",
+        anonymous.text
+    );
+    let metrics = node.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert!(
+        metrics.text.contains("chartlog_log_accepting_writes 0\n"),
+        "/metrics agrees with /health: {}",
+        metrics.text
     );
 }

@@ -170,6 +170,31 @@ fn config_file_error_is_one_line() {
 }
 
 #[test]
+fn usage_error_is_one_line() {
+    let message = run_failing(chartlog().args(["serve", "--bogus"]));
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains("--bogus"), "{message}");
+    assert!(message.contains("chartlog --help"), "{message}");
+}
+
+#[test]
+fn unreadable_replication_setting_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let message = run_failing(
+        chartlog()
+            .args(["serve", "--log-backend", "kafka", "--data"])
+            .arg(dir.path())
+            .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+            .env("CHARTLOG_KAFKA_REPLICATION_FACTOR", "three"),
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains("CHARTLOG_KAFKA_REPLICATION_FACTOR must be a positive whole number"),
+        "{message}"
+    );
+}
+
+#[test]
 fn token_prints_a_jwt() {
     let dir = tempfile::tempdir().unwrap();
     let output = chartlog()

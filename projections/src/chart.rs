@@ -433,8 +433,19 @@ impl ChartProjection {
     ) -> Result<(Entries, bool), ProjectionError> {
         let mut upper = prefix.to_vec();
         upper.extend_from_slice(&[0xff; 9]);
+        self.scan_reverse_from(prefix, &upper, skip, limit)
+    }
+
+    /// Scans the keys under `prefix` that sort at or before `upper`, newest first.
+    fn scan_reverse_from(
+        &self,
+        prefix: &[u8],
+        upper: &[u8],
+        skip: usize,
+        limit: usize,
+    ) -> Result<(Entries, bool), ProjectionError> {
         let mut iterator = self.db.raw_iterator();
-        iterator.seek_for_prev(&upper);
+        iterator.seek_for_prev(upper);
         let mut entries = Vec::new();
         let mut skipped = 0;
         let mut more = false;
@@ -481,8 +492,9 @@ impl ChartProjection {
         Ok((records, more))
     }
 
-    /// Returns a page of a chart's access events as stored envelopes with their log positions,
-    /// newest first, and whether more follow.
+    /// Returns a page of a chart's access events at log positions before `before` as stored
+    /// envelopes with their log positions, newest first, and whether more follow. Pages taken
+    /// with one `before` stay aligned while new accesses are appended.
     ///
     /// # Errors
     ///
@@ -490,11 +502,17 @@ impl ChartProjection {
     pub fn chart_accesses(
         &self,
         chart_id: ChartId,
+        before: u64,
         skip: usize,
         limit: usize,
     ) -> Result<(Accesses, bool), ProjectionError> {
         let prefix = chart_prefix(b'a', chart_id);
-        let (entries, more) = self.scan_prefix_reverse(&prefix, skip, limit)?;
+        let Some(last) = before.checked_sub(1) else {
+            return Ok((Vec::new(), false));
+        };
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&last.to_be_bytes());
+        let (entries, more) = self.scan_reverse_from(&prefix, &upper, skip, limit)?;
         let mut accesses = Vec::with_capacity(entries.len());
         for (key, envelope) in entries {
             let raw: [u8; 8] = key[prefix.len()..]

@@ -74,7 +74,7 @@ enum Commands {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = chartlog::parse_command_line("chartlog-replay");
     let outcome = match cli.command {
         Commands::Verify {
             data,
@@ -181,7 +181,7 @@ fn read_trusted_signers(path: &Path) -> anyhow::Result<chartlog::crypto::Trusted
 }
 
 fn kafka_settings() -> anyhow::Result<KafkaConfig> {
-    KafkaConfig::from_env(None).context(
+    KafkaConfig::from_env(None)?.context(
         "set CHARTLOG_KAFKA_BOOTSTRAP_SERVERS (and CHARTLOG_KAFKA_TOPIC) to name the Kafka log",
     )
 }

@@ -16,6 +16,9 @@ use crate::auth::Action;
 use crate::command::state::format_instant;
 use crate::command::{Command, Operation};
 
+/// The paging parameter that holds the trail at the log position of its first page.
+const BEFORE_POSITION: &str = "_before-position";
+
 /// Decrypts one stored access event.
 fn open_access(
     state: &AppState,
@@ -112,9 +115,25 @@ pub async fn access_log(
     let log_end = *state.log.end_position().borrow();
     state.wait_for_projection(log_end).await?;
     let page = page_from(pairs, None)?;
+    // Every reading of the trail appends an access to it, so pages are counted among the
+    // entries before the position where the first page was taken, which every page link
+    // carries; otherwise each page would repeat the last entry of the one before.
+    let before = match pairs.iter().find(|(name, _)| name == BEFORE_POSITION) {
+        Some((_, value)) => value.parse::<u64>().map_err(|_| {
+            ApiError::invalid(
+                BEFORE_POSITION,
+                "invalid _before-position; expected a log position from a page link",
+            )
+        })?,
+        None => log_end.0,
+    };
+    let mut link_pairs = pairs.to_vec();
+    if !pairs.iter().any(|(name, _)| name == BEFORE_POSITION) {
+        link_pairs.push((BEFORE_POSITION.to_owned(), before.to_string()));
+    }
     let (accesses, more) = state
         .projection
-        .chart_accesses(chart, page.offset, page.count)
+        .chart_accesses(chart, before, page.offset, page.count)
         .map_err(|error| ApiError::internal("projection read", &error))?;
     let mut entries = Vec::with_capacity(accesses.len());
     for (position, envelope) in &accesses {
@@ -143,7 +162,7 @@ pub async fn access_log(
     let bundle = json!({
         "resourceType": "Bundle",
         "type": "collection",
-        "link": page_links(state, &path, pairs, &page, more),
+        "link": page_links(state, &path, &link_pairs, &page, more),
         "entry": entries,
     });
     Ok(fhir_json(StatusCode::OK, bundle.to_string()))

@@ -256,6 +256,9 @@ async fn route_to_owner(
     // A write responds only once the projection includes it. With the projector halted it
     // would be appended and still get 503, so a retry would append it again.
     if is_write(&request) && state.projector.borrow().halted.is_some() {
+        if let Some(refusal) = unauthenticated(&state, &request) {
+            return refusal;
+        }
         return ApiError::unavailable(
             "the chart projection stopped at a log entry that failed its checks; writes are rejected until an operator repairs the log (see /health)",
         )
@@ -278,6 +281,9 @@ async fn route_to_owner(
         // so a write checked against it would get a wrong result (a missing reference,
         // a stale version). Writes are rejected until the log is taken over; reads are served.
         if is_write(&request) && !state.log.is_owner() {
+            if let Some(refusal) = unauthenticated(&state, &request) {
+                return refusal;
+            }
             return ApiError::unavailable(
                 "no owner of the log is known at the moment; retry shortly",
             )
@@ -323,6 +329,27 @@ async fn route_to_owner(
     }
 }
 
+/// Returns the 401 response for a request without a valid bearer token, so that a client
+/// whose token is wrong learns that first, rather than a 503 that a retry cannot cure.
+fn unauthenticated(
+    state: &AppState,
+    request: &axum::extract::Request,
+) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse;
+
+    let authorization = request
+        .headers()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok());
+    match state.authenticator.authenticate(authorization) {
+        Ok(_) => None,
+        Err(error) => {
+            tracing::info!(reason = %error, "authentication failed");
+            Some(ApiError::unauthenticated().into_response())
+        }
+    }
+}
+
 /// Returns whether a FHIR request changes the record: every method but GET and HEAD, except
 /// a search sent as a POST.
 fn is_write(request: &axum::extract::Request) -> bool {
@@ -355,6 +382,17 @@ async fn health_owner(
         .into_response()
 }
 
+/// Returns whether a write sent to this node now would be appended: it owns the log, its
+/// writer's last append succeeded and its projector runs. `/health` and `/metrics` both say
+/// this, so that they never disagree.
+fn accepts_writes(state: &AppState, status: &ProjectorStatus) -> bool {
+    let is_owner = state
+        .role
+        .as_ref()
+        .is_none_or(|role| *role.borrow() == Role::Owner);
+    is_owner && state.writer.is_healthy() && status.halted.is_none()
+}
+
 async fn health(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> axum::response::Response {
@@ -365,8 +403,7 @@ async fn health(
     let lag = log_end.0.saturating_sub(status.applied);
     let role = state.role.as_ref().map(|role| role.borrow().clone());
     let writer_healthy = state.writer.is_healthy();
-    let accepting =
-        writer_healthy && matches!(role, None | Some(Role::Owner)) && status.halted.is_none();
+    let accepting = accepts_writes(&state, &status);
     let journaled = *state.access_journal.pending().borrow();
     // A standby that has found the owner is healthy, because it follows the log and sends
     // clients there. One that has found none cannot have a write served anywhere.
@@ -457,9 +494,9 @@ async fn metrics(
     metric(
         "gauge",
         "chartlog_log_accepting_writes",
-        "1 when the writer runs and its last append succeeded.",
+        "1 when this node owns the log, its writer's last append succeeded and its projector runs.",
         "",
-        u64::from(state.writer.is_healthy()),
+        u64::from(accepts_writes(&state, &status)),
     );
     metric(
         "gauge",

@@ -274,7 +274,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let kafka = match args.log_backend.as_str() {
         "embedded" => None,
         "kafka" => {
-            let mut settings = KafkaConfig::from_env(None)
+            let mut settings = KafkaConfig::from_env(None)?
                 .context("the kafka mode needs CHARTLOG_KAFKA_BOOTSTRAP_SERVERS")?;
             settings.topic = format!("chartlog-bench-{}", uuid::Uuid::new_v4());
             Some(settings)

@@ -79,6 +79,9 @@ pub enum KeyStoreError {
     /// The node's signing key is missing from the trusted signers file it would share.
     #[error("this node's signing key is not in {0}, so other nodes and verify would reject its events; copy node-signing.key from the node whose key the file lists, or add this node's public key to the file on every node")]
     SignerNotTrusted(PathBuf),
+    /// The trusted signers file of a node whose signing key exists is gone.
+    #[error("{0} is missing although this node's signing key exists; restore it from a backup or from another node on the same log")]
+    TrustedSignersMissing(PathBuf),
     /// A reader has neither the node's signing key nor a list of signers to trust.
     #[error("no trusted signers: {0} is missing and so is the node's signing key")]
     NoTrustedSigners(PathBuf),
@@ -278,7 +281,7 @@ impl KeyStore {
                 path: db_path.clone(),
                 source,
             })?;
-        let store = Self::assemble(paths, kek_bytes, seed, Some(db), db_path, None)?;
+        let store = Self::assemble(paths, kek_bytes, seed, Some(db), db_path, None, seed_new)?;
         Ok((store, created))
     }
 
@@ -315,11 +318,12 @@ impl KeyStore {
         } else {
             None
         };
-        Self::assemble(paths, kek_bytes, seed, db, db_path, Some(pinned))
+        Self::assemble(paths, kek_bytes, seed, db, db_path, Some(pinned), false)
     }
 
     /// Builds the store from the raw key bytes, which it zeroizes, and the open database.
-    /// `reader` is set for a read-only store, with the pinned signers to trust, if any.
+    /// `reader` is set for a read-only store, with the pinned signers to trust, if any;
+    /// `new_signer` when the signing key was created by this open.
     fn assemble(
         paths: &KeyPaths,
         mut kek_bytes: [u8; 32],
@@ -327,6 +331,7 @@ impl KeyStore {
         db: Option<rocksdb::DB>,
         db_path: PathBuf,
         reader: Option<Option<TrustedSigners>>,
+        new_signer: bool,
     ) -> Result<KeyStore, KeyStoreError> {
         let read_only = reader.is_some();
         let kek = SymmetricKey::from_bytes(kek_bytes);
@@ -346,7 +351,7 @@ impl KeyStore {
         seed.zeroize();
         let trusted = match reader.flatten() {
             Some(pinned) => pinned,
-            None => Self::load_trusted(paths, own_key.then_some(&signer), read_only)?,
+            None => Self::load_trusted(paths, own_key.then_some(&signer), read_only, new_signer)?,
         };
         let store = KeyStore {
             kek,
@@ -365,12 +370,13 @@ impl KeyStore {
         Ok(store)
     }
 
-    /// Loads the trusted signer list, writing it with this node's public key when absent.
-    /// A read-only open writes nothing and, without the signing key, needs the file.
+    /// Loads the trusted signer list, writing it with this node's public key when both are
+    /// new. A read-only open writes nothing and, without the signing key, needs the file.
     fn load_trusted(
         paths: &KeyPaths,
         signer: Option<&NodeSigner>,
         read_only: bool,
+        new_signer: bool,
     ) -> Result<TrustedSigners, KeyStoreError> {
         let path = paths.trusted_signers();
         let mut trusted = TrustedSigners::default();
@@ -398,10 +404,13 @@ impl KeyStore {
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => match signer {
-                Some(signer) if !read_only => {
+                Some(signer) if !read_only && new_signer => {
                     let line = format!("{}\n", hex::encode(signer.public_key()));
                     fs::write(&path, line).map_err(io_error(&path, "writing"))?;
                 }
+                // The list may have named other nodes' keys too; written again with this
+                // node's key alone, it would reject their events without a word.
+                Some(_) if !read_only => return Err(KeyStoreError::TrustedSignersMissing(path)),
                 Some(_) => {}
                 None => return Err(KeyStoreError::NoTrustedSigners(path)),
             },
@@ -765,6 +774,22 @@ mod tests {
         // With the signing key copied as well, it opens.
         fs::copy(paths.signing_key(), other_paths.signing_key()).unwrap();
         assert!(KeyStore::open(&other_paths, true).is_ok());
+    }
+
+    #[test]
+    fn lost_trusted_signers_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = KeyPaths::under(dir.path(), None);
+        drop(KeyStore::open(&paths, true).unwrap());
+        fs::remove_file(paths.trusted_signers()).unwrap();
+        assert!(matches!(
+            KeyStore::open(&paths, true),
+            Err(KeyStoreError::TrustedSignersMissing(_))
+        ));
+        assert!(
+            !paths.trusted_signers().exists(),
+            "a list naming only this node was written"
+        );
     }
 
     #[test]

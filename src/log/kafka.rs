@@ -93,7 +93,11 @@ impl KafkaConfig {
     /// servers, topic and replication settings by name, and every other variable as a client
     /// property (`CHARTLOG_KAFKA_SSL_CA_LOCATION` becomes `ssl.ca.location`), except the
     /// variables of `compose/kafka.sh`. Returns `None` when no bootstrap servers are given.
-    pub fn from_env(base: Option<KafkaConfig>) -> Option<KafkaConfig> {
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaSettingError`] when a replication setting is not a positive whole number.
+    pub fn from_env(base: Option<KafkaConfig>) -> Result<Option<KafkaConfig>, KafkaSettingError> {
         let mut config = base;
         for (name, value) in std::env::vars() {
             let Some(key) = name.strip_prefix("CHARTLOG_KAFKA_") else {
@@ -114,7 +118,13 @@ impl KafkaConfig {
                 }
             }
         }
-        let mut config = config?;
+        let Some(mut config) = config else {
+            return Ok(None);
+        };
+        let count = |name: &'static str, value: &str| match value.trim().parse::<i32>() {
+            Ok(count) if count > 0 => Ok(count),
+            _ => Err(KafkaSettingError { name }),
+        };
         for (name, value) in std::env::vars() {
             let Some(key) = name.strip_prefix("CHARTLOG_KAFKA_") else {
                 continue;
@@ -125,10 +135,11 @@ impl KafkaConfig {
                 "PORT" | "RUN_DIR" | "CACHE_DIR" | "HEAP" | "STOP_TIMEOUT" | "PARTITIONS" => {}
                 "TOPIC" => config.topic = value,
                 "REPLICATION_FACTOR" => {
-                    config.replication_factor = value.parse().unwrap_or(config.replication_factor)
+                    config.replication_factor = count("CHARTLOG_KAFKA_REPLICATION_FACTOR", &value)?;
                 }
                 "MIN_INSYNC_REPLICAS" => {
-                    config.min_insync_replicas = value.parse().unwrap_or(config.min_insync_replicas)
+                    config.min_insync_replicas =
+                        count("CHARTLOG_KAFKA_MIN_INSYNC_REPLICAS", &value)?;
                 }
                 other => {
                     config
@@ -137,7 +148,7 @@ impl KafkaConfig {
                 }
             }
         }
-        Some(config)
+        Ok(Some(config))
     }
 
     pub(crate) fn client_config(&self) -> ClientConfig {
@@ -148,6 +159,14 @@ impl KafkaConfig {
         }
         client
     }
+}
+
+/// A Kafka setting from the environment that is not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} must be a positive whole number")]
+pub struct KafkaSettingError {
+    /// The environment variable.
+    pub name: &'static str,
 }
 
 /// Error from opening the Kafka log.
