@@ -38,8 +38,21 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a standby waits between lookups of the owner's URL.
 const LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How long an assigned node waits before trying again to take the log over after a failure.
+/// How long an assigned node waits before trying again to take the log over after a failure;
+/// the wait doubles with each failure in a row, up to [`RETRY_TAKE_OVER_MAX`].
 const RETRY_TAKE_OVER: Duration = Duration::from_secs(1);
+
+/// The longest wait between attempts to take the log over. Each attempt reads the whole topic,
+/// so a node that keeps failing (a chart that ends before its recorded head, say) must not
+/// read it every second; a broker outage should still cost little more than the outage.
+const RETRY_TAKE_OVER_MAX: Duration = Duration::from_secs(10);
+
+/// Returns the wait before the next attempt to take the log over after `failures` failed
+/// attempts in a row.
+fn take_over_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(8);
+    (RETRY_TAKE_OVER * (1u32 << doublings)).min(RETRY_TAKE_OVER_MAX)
+}
 
 /// A node's role for the Kafka log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,6 +328,7 @@ impl Member {
     fn run(self) {
         let mut last_lookup: Option<Instant> = None;
         let mut last_attempt: Option<Instant> = None;
+        let mut failures = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
             // Records of paused partitions never arrive; the poll serves the group's events.
             let _ = self.consumer.poll(POLL_INTERVAL);
@@ -347,17 +361,23 @@ impl Member {
                     self.settled.send_replace(true);
                 }
                 Some(true) => {
-                    let due = last_attempt.is_none_or(|at| at.elapsed() >= RETRY_TAKE_OVER);
+                    let due =
+                        last_attempt.is_none_or(|at| at.elapsed() >= take_over_backoff(failures));
                     if due {
                         last_attempt = Some(Instant::now());
                         self.role
                             .send_if_modified(|role| set(role, Role::Undecided));
-                        self.take_over();
+                        if self.take_over() {
+                            failures = 0;
+                        } else {
+                            failures = failures.saturating_add(1);
+                        }
                         self.settled.send_replace(true);
                     }
                 }
                 Some(false) => {
                     last_attempt = None;
+                    failures = 0;
                     let due = last_lookup.is_none_or(|at| at.elapsed() >= LOOKUP_INTERVAL)
                         || !matches!(*self.role.borrow(), Role::Standby { .. });
                     if due {
@@ -377,10 +397,10 @@ impl Member {
     }
 
     /// Has the writer take the log over; the writer rebuilds its state between fencing the
-    /// previous owner and its first append.
-    fn take_over(&self) {
+    /// previous owner and its first append. Returns whether it succeeded.
+    fn take_over(&self) -> bool {
         let Some(writer) = self.writer.upgrade() else {
-            return;
+            return false;
         };
         let started = Instant::now();
         match writer.take_over_blocking() {
@@ -393,6 +413,7 @@ impl Member {
                 self.role.send_if_modified(|role| set(role, Role::Owner));
                 self.take_over_error
                     .send_if_modified(|last| last.take().is_some());
+                true
             }
             Err(error) => {
                 tracing::error!(error = %error, "taking the kafka log over failed; retrying");
@@ -402,6 +423,7 @@ impl Member {
                     *last = Some(reason);
                     changed
                 });
+                false
             }
         }
     }
@@ -483,7 +505,19 @@ impl<'a> Bytes<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::assigned_partitions;
+    use std::time::Duration;
+
+    use super::{assigned_partitions, take_over_backoff};
+
+    #[test]
+    fn take_over_retries_back_off() {
+        let seconds: Vec<u64> = (1..=6)
+            .map(|failures| take_over_backoff(failures).as_secs())
+            .collect();
+        assert_eq!(seconds, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(take_over_backoff(0), Duration::from_secs(1));
+        assert_eq!(take_over_backoff(u32::MAX), Duration::from_secs(10));
+    }
 
     fn encode(topics: &[(&str, &[i32])]) -> Vec<u8> {
         let mut bytes = 1i16.to_be_bytes().to_vec();
