@@ -6,7 +6,7 @@
 //! at that position rather than being skipped; `/health` then reports the node as degraded.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chartlog_projections::{ChartProjection, ProjectedEvent};
 use chartlog_schemas::{ChartAccessed, Envelope, EventHeader, EventPayload, EventType};
@@ -66,6 +66,20 @@ pub struct ProjectorStatus {
     pub applied: u64,
     /// Set when the projector stopped on an error it cannot pass.
     pub halted: Option<String>,
+    /// Set while the projector retries an entry it could not read or open for now (the log or
+    /// the shared data keys unreachable), cleared once a read succeeds.
+    pub retrying: Option<Retrying>,
+}
+
+/// The projector's retries of one failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retrying {
+    /// When the first failed attempt happened.
+    pub since: Instant,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// The last error with its causes; it names positions, ids and checks, never contents.
+    pub reason: String,
 }
 
 /// Checks and decrypts one envelope.
@@ -204,6 +218,7 @@ pub fn start(
     let (status, receiver) = watch::channel(ProjectorStatus {
         applied: initial,
         halted: None,
+        retrying: None,
     });
     let handle = tokio::spawn(async move {
         let mut end = log.end_position();
@@ -222,16 +237,40 @@ pub fn start(
             match step {
                 Ok(Ok(Some(position))) => {
                     read_failures = 0;
-                    status.send_modify(|current| current.applied = position);
+                    status.send_modify(|current| {
+                        current.applied = position;
+                        current.retrying = None;
+                    });
                     continue;
                 }
-                Ok(Ok(None)) => {}
+                Ok(Ok(None)) => {
+                    // The read reached the end it could see, so the next failure starts the
+                    // back-off from its shortest delay.
+                    read_failures = 0;
+                    status.send_if_modified(|current| current.retrying.take().is_some());
+                }
                 Ok(Err(error)) if error.is_transient() => {
                     // The log is unreachable for now (a Kafka outage): retry with a bounded
                     // back-off instead of halting, and serve what is projected meanwhile.
                     read_failures += 1;
                     let delay = Duration::from_millis(250 * u64::from(read_failures.min(20)));
-                    tracing::warn!(projection = "chart", error = %error, attempt = read_failures, "log read failed; retrying");
+                    let reason = error_chain(&error);
+                    tracing::warn!(projection = "chart", error = %reason, attempt = read_failures, "log read failed; retrying");
+                    status.send_modify(|current| {
+                        let since = current
+                            .retrying
+                            .as_ref()
+                            .map_or_else(Instant::now, |retrying| retrying.since);
+                        current.retrying = Some(Retrying {
+                            since,
+                            attempts: read_failures,
+                            reason,
+                        });
+                    });
+                    // A stuck projector reads the same entries on every retry, so no read finds
+                    // the end and refreshes it. Refresh it here, so the reported lag grows.
+                    let refreshed = log.clone();
+                    let _ = tokio::task::spawn_blocking(move || refreshed.refresh_end()).await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
                         _ = shutdown.changed() => break,

@@ -1290,7 +1290,7 @@ async fn compliance_officer_reads_the_access_log() {
 }
 
 #[tokio::test]
-async fn access_log_pages_do_not_repeat_entries() {
+async fn access_log_pages_never_repeat() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Page", "Trail", "1971-01-01")).await;
     for _ in 0..5 {

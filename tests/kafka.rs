@@ -1113,9 +1113,8 @@ async fn standby_hands_accesses_to_owner() {
     first.stop().await;
 }
 
-#[tokio::test]
-async fn standby_follows_recreated_key_topic() {
-    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+/// Starts an owner with one chart and a standby that shares its keys and has projected it.
+async fn owner_and_standby(kafka: &chartlog::log::KafkaConfig) -> (TestNode, TestNode) {
     let first = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
     let early = first.create(&patient("Early", "Keys", "1950-01-01")).await;
     let second_dir = tempfile::tempdir().unwrap();
@@ -1133,6 +1132,13 @@ async fn standby_follows_recreated_key_topic() {
         projected.is_some(),
         "the standby never projected the first chart"
     );
+    (first, second)
+}
+
+#[tokio::test]
+async fn standby_follows_recreated_key_topic() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let (first, second) = owner_and_standby(&kafka).await;
 
     delete_topics(
         &kafka,
@@ -1164,6 +1170,128 @@ async fn standby_follows_recreated_key_topic() {
     assert_eq!(second.node.projector.borrow().halted, None);
     second.stop().await;
     first.stop().await;
+}
+
+#[tokio::test]
+async fn standby_reads_new_keys_after_outages() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let (first, second) = owner_and_standby(&kafka).await;
+
+    // The standby's key topic reader is idle through both outages: no new chart needs a key.
+    for _ in 0..2 {
+        let broker = StoppedBroker::stop();
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        broker.start();
+    }
+    let late = eventually(Duration::from_secs(60), || async {
+        let reply = first
+            .post(
+                "/fhir/Patient",
+                &patient("After", "Outages", "1953-01-01").to_string(),
+            )
+            .await;
+        (reply.status == StatusCode::CREATED).then(|| reply.json["id"].as_str().unwrap().to_owned())
+    })
+    .await
+    .expect("writes did not resume after the outages");
+    // Errors the reader's client queued during the outages must not fail the catch-ups that
+    // fetch the new chart's key, one queued error at a time.
+    let projected = eventually(Duration::from_secs(15), || async {
+        second.node.projection.patient_chart(&late).unwrap()
+    })
+    .await;
+    assert!(
+        projected.is_some(),
+        "the standby did not project the new chart: {:?}",
+        second.node.projector.borrow().retrying
+    );
+    let health = second.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(
+        health.json["projections"]["chart"]["retrying"],
+        serde_json::Value::Null,
+        "{}",
+        health.text
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// Sends `store`'s wrapped record of `key_id` to the key topic, as a writer's transaction does.
+async fn publish_key(
+    kafka: &chartlog::log::KafkaConfig,
+    store: &chartlog::crypto::KeyStore,
+    key_id: chartlog_schemas::KeyId,
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let record = store.wrapped_record(key_id).unwrap().unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .create()
+        .unwrap();
+    let topic = chartlog::log::key_topic::key_topic_name(&kafka.topic);
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key(key_id.as_bytes().as_slice())
+                .payload(&record),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn key_catch_up_survives_past_outages() {
+    use chartlog::crypto::keystore::KeyPaths;
+    use chartlog::crypto::{KeySource, KeyStore};
+
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let writer_dir = tempfile::tempdir().unwrap();
+    let (writer, _) = KeyStore::open(&KeyPaths::under(writer_dir.path(), None), true).unwrap();
+    let reader_dir = tempfile::tempdir().unwrap();
+    copy_key_files(
+        &writer_dir.path().join("keys"),
+        &reader_dir.path().join("keys"),
+    );
+    let (reader, _) = KeyStore::open(&KeyPaths::under(reader_dir.path(), None), true).unwrap();
+    let topic = chartlog::log::key_topic::KeyTopic::open(&kafka, true)
+        .await
+        .unwrap();
+
+    let first = writer
+        .create_data_key(chartlog_schemas::ChartId::random())
+        .unwrap();
+    publish_key(&kafka, &writer, first).await;
+    let (topic, reader) = tokio::task::spawn_blocking(move || {
+        topic.catch_up(&reader).unwrap();
+        (topic, reader)
+    })
+    .await
+    .unwrap();
+    assert!(reader.data_key(first).is_ok());
+
+    // While the broker is away the idle reader's client queues connection errors.
+    let broker = StoppedBroker::stop();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    broker.start();
+    let second = writer
+        .create_data_key(chartlog_schemas::ChartId::random())
+        .unwrap();
+    publish_key(&kafka, &writer, second).await;
+    // One catch-up, as a projector meeting the chart's first event makes, finds the key.
+    let (caught_up, reader) = tokio::task::spawn_blocking(move || {
+        let caught_up = topic.catch_up(&reader);
+        (caught_up, reader)
+    })
+    .await
+    .unwrap();
+    assert!(
+        caught_up.is_ok(),
+        "an error queued during the outage failed the catch-up: {caught_up:?}"
+    );
+    assert!(reader.data_key(second).is_ok());
 }
 
 #[tokio::test]

@@ -43,6 +43,33 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// How long a request waits for the projection to reach its own write before giving up.
 const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Maximum age of the log's end before `/health` and `/metrics` report the lag as unknown. An
+/// idle projector fetches the end about twice a second.
+const END_CURRENT_FOR: Duration = Duration::from_secs(15);
+
+/// How long the projector may retry one failure before `/health` reports `degraded`. It is
+/// longer than the back-off after a short broker hiccup.
+const PROJECTOR_STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// Returns the projection's lag behind the log's end, or `None` when the end was not
+/// confirmed lately, so that a node that cannot reach the log does not report a lag of 0.
+fn projection_lag(state: &AppState, status: &ProjectorStatus) -> Option<u64> {
+    let end = state.log.end_position().borrow().0;
+    let current = state
+        .log
+        .end_age()
+        .is_some_and(|age| age <= END_CURRENT_FOR);
+    current.then(|| end.saturating_sub(status.applied))
+}
+
+/// Returns whether the projector has been retrying one failure for longer than a short outage.
+fn projector_stuck(status: &ProjectorStatus) -> bool {
+    status
+        .retrying
+        .as_ref()
+        .is_some_and(|retrying| retrying.since.elapsed() >= PROJECTOR_STUCK_AFTER)
+}
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -400,7 +427,12 @@ async fn health(
 
     let status = state.projector.borrow().clone();
     let log_end = *state.log.end_position().borrow();
-    let lag = log_end.0.saturating_sub(status.applied);
+    let lag = projection_lag(&state, &status);
+    let end_age_ms = state
+        .log
+        .end_age()
+        .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    let stuck = projector_stuck(&status);
     let role = state.role.as_ref().map(|role| role.borrow().clone());
     let writer_healthy = state.writer.is_healthy();
     let accepting = accepts_writes(&state, &status);
@@ -414,6 +446,7 @@ async fn health(
     // Only the owner appends, so only the owner's last append matters for health.
     let is_owner = matches!(role, None | Some(Role::Owner));
     let (code, node_state) = if status.halted.is_some()
+        || stuck
         || (is_owner && !writer_healthy)
         || journaled > 0
         || no_owner_known
@@ -441,7 +474,17 @@ async fn health(
         "status": node_state,
         "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": accepting, "ownership": ownership},
         "access_journal": {"pending": journaled, "quarantined": *state.access_journal.quarantined().borrow()},
-        "projections": {"chart": {"applied_position": status.applied, "lag_events": lag, "halted": status.halted.is_some()}},
+        "projections": {"chart": {
+            "applied_position": status.applied,
+            "lag_events": lag,
+            "end_age_ms": end_age_ms,
+            "halted": status.halted.is_some(),
+            "retrying": status.retrying.as_ref().map(|retrying| serde_json::json!({
+                "for_seconds": retrying.since.elapsed().as_secs(),
+                "attempts": retrying.attempts,
+                "reason": retrying.reason,
+            })),
+        }},
     });
     (code, axum::Json(body)).into_response()
 }
@@ -477,12 +520,23 @@ async fn metrics(
         "{projection=\"chart\"}",
         status.applied,
     );
+    let lag = projection_lag(&state, &status);
     metric(
         "gauge",
-        "chartlog_projection_lag_positions",
-        "Log positions not yet applied to the projection; on Kafka this counts transaction markers too.",
+        "chartlog_projection_lag_known",
+        "1 when the log's end was confirmed in the last 15 s, so that the lag below is current.",
         "{projection=\"chart\"}",
-        log_end.saturating_sub(status.applied),
+        u64::from(lag.is_some()),
+    );
+    metric(
+        "gauge",
+        "chartlog_projection_retrying_seconds",
+        "Seconds the projection has been retrying an entry it could not read or open; 0 when it is not.",
+        "{projection=\"chart\"}",
+        status
+            .retrying
+            .as_ref()
+            .map_or(0, |retrying| retrying.since.elapsed().as_secs()),
     );
     metric(
         "gauge",
@@ -538,6 +592,15 @@ async fn metrics(
         "Events in those batches.",
         "",
         counters.events.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    // An unknown lag is written as NaN rather than 0, so a node cut off from the log does not
+    // look caught up.
+    let lag_value = lag.map_or_else(|| "NaN".to_owned(), |lag| lag.to_string());
+    let _ = writeln!(body, "# HELP chartlog_projection_lag_positions Log positions not yet applied to the projection; on Kafka this counts transaction markers too. NaN while the log's end is unknown.");
+    let _ = writeln!(body, "# TYPE chartlog_projection_lag_positions gauge");
+    let _ = writeln!(
+        body,
+        "chartlog_projection_lag_positions{{projection=\"chart\"}} {lag_value}"
     );
     let mut response = (axum::http::StatusCode::OK, body).into_response();
     response.headers_mut().insert(

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chartlog_schemas::{ChartId, Envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
@@ -211,6 +211,9 @@ pub struct KafkaLog {
     producer: Mutex<Option<FutureProducer>>,
     reader: Mutex<Reader>,
     end: watch::Sender<LogPosition>,
+    /// When the broker last confirmed `end`, or when this node last committed: the end a
+    /// standby reports is only as current as this.
+    end_confirmed: Mutex<Option<Instant>>,
     /// Position after this node's last committed record, or the end of the topic when it took
     /// the partition over.
     committed_end: Mutex<LogPosition>,
@@ -267,6 +270,21 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {}
+
+/// Returns whether an error polled from a reader consumer is one of the client's connection
+/// errors. A consumer with a group id receives them in its queue, where they wait until the
+/// next poll, possibly long after the outage they report ended. librdkafka reconnects and
+/// fetches again by itself, so a read can continue past them.
+pub(crate) fn is_connection_error(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageConsumption(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Resolve
+        )
+    )
+}
 
 struct Reader {
     consumer: BaseConsumer<ReaderContext>,
@@ -360,13 +378,9 @@ impl KafkaLog {
                 .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
             let end_of_topic = LogPosition(high.max(0) as u64);
-            Ok(Self::assemble(
-                config,
-                runtime,
-                consumer,
-                end_of_topic,
-                read_only,
-            ))
+            let log = Self::assemble(config, runtime, consumer, end_of_topic, read_only);
+            log.confirm_end();
+            Ok(log)
         })
         .await
         .map_err(|_| KafkaOpenError::Client {
@@ -394,6 +408,7 @@ impl KafkaLog {
             committed_end: Mutex::new(end_of_topic),
             owner: AtomicBool::new(false),
             end,
+            end_confirmed: Mutex::new(None),
             config,
             read_only,
             keys: None,
@@ -418,6 +433,38 @@ impl KafkaLog {
             LogPosition(0),
             false,
         ))
+    }
+
+    /// Records that the end published in `end` was confirmed just now.
+    fn confirm_end(&self) {
+        *self
+            .end_confirmed
+            .lock()
+            .expect("end confirmation lock is not poisoned") = Some(Instant::now());
+    }
+
+    /// Fetches the end of the topic with the reader's consumer and publishes it when it moved
+    /// forward. Returns the end, or `None` when the request failed.
+    fn fetch_end(&self, consumer: &BaseConsumer<ReaderContext>) -> Option<u64> {
+        match consumer.fetch_watermarks(&self.config.topic, PARTITION, Duration::from_secs(1)) {
+            Ok((_, high)) => {
+                let high = high.max(0) as u64;
+                self.confirm_end();
+                self.end.send_if_modified(|end| {
+                    let moved = LogPosition(high) > *end;
+                    if moved {
+                        *end = LogPosition(high);
+                    }
+                    moved
+                });
+                Some(high)
+            }
+            Err(error) => {
+                // The end and the lag then stay as they were, and `end_age` grows.
+                tracing::debug!(topic = %self.config.topic, error = %error, "reading the end of the topic failed");
+                None
+            }
+        }
     }
 
     /// Returns whether the topic contains committed records after this node's last commit.
@@ -851,6 +898,7 @@ impl EventLog for KafkaLog {
                         .lock()
                         .expect("committed end lock is not poisoned") = end;
                     self.end.send_replace(end);
+                    self.confirm_end();
                 }
                 Ok(positions)
             }
@@ -1034,6 +1082,7 @@ impl EventLog for KafkaLog {
         if end > *self.end.borrow() {
             self.end.send_replace(end);
         }
+        self.confirm_end();
         Ok(())
     }
 
@@ -1112,26 +1161,29 @@ impl EventLog for KafkaLog {
         // The end of the log moves with this node's own appends only; on a standby, others
         // append. Asking the broker here, when a read found nothing new, keeps the end (and so
         // the lag `/health` reports) current at one small request per idle read.
-        if let Ok((_, high)) =
-            reader
-                .consumer
-                .fetch_watermarks(&self.config.topic, PARTITION, Duration::from_secs(1))
-        {
-            if (high.max(0) as u64) < from.0 {
+        if let Some(high) = self.fetch_end(&reader.consumer) {
+            if high < from.0 {
                 return Err(ReadError {
                     position: from,
-                    source: Box::new(super::EntriesLost { end: high as u64 }),
+                    source: Box::new(super::EntriesLost { end: high }),
                 });
             }
-            let high = LogPosition(high.max(0) as u64);
-            self.end.send_if_modified(|end| {
-                let moved = high > *end;
-                if moved {
-                    *end = high;
-                }
-                moved
-            });
         }
         Ok(LogPosition(next.max(from.0)))
+    }
+
+    fn refresh_end(&self) {
+        let reader = self
+            .reader
+            .lock()
+            .expect("kafka reader lock is not poisoned");
+        self.fetch_end(&reader.consumer);
+    }
+
+    fn end_age(&self) -> Option<Duration> {
+        self.end_confirmed
+            .lock()
+            .expect("end confirmation lock is not poisoned")
+            .map(|confirmed| confirmed.elapsed())
     }
 }

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use chartlog_schemas::KeyId;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::kafka::{ensure_topic, reader_consumer, KafkaConfig, KafkaOpenError, ReaderContext};
+use super::kafka::{
+    ensure_topic, is_connection_error, reader_consumer, KafkaConfig, KafkaOpenError, ReaderContext,
+};
 use crate::crypto::{KeySource, KeyStore, KeyStoreError};
 
 /// The key topic's only partition.
@@ -34,6 +36,8 @@ const POLL: Duration = Duration::from_millis(200);
 /// The key topic of one Kafka log.
 pub struct KeyTopic {
     name: String,
+    /// Settings for a new reader after a failed catch-up.
+    config: KafkaConfig,
     reader: Mutex<KeyReader>,
     /// Ids of the keys the topic is known to hold: read from it, or committed to it by this
     /// node.
@@ -66,6 +70,7 @@ impl KeyTopic {
         let consumer = reader_consumer(config)?;
         Ok(Arc::new(KeyTopic {
             name,
+            config: config.clone(),
             reader: Mutex::new(KeyReader { consumer, next: 0 }),
             published: Mutex::new(HashSet::new()),
         }))
@@ -107,8 +112,37 @@ impl KeyTopic {
     }
 
     /// Reads the topic from where the last catch-up stopped to its end, importing each key
-    /// the store lacks.
+    /// the store lacks. After a failure the reader's consumer is replaced, so that nothing it
+    /// kept (queued errors, metadata from before a broker restart) outlives the failure, and a
+    /// failure that came at once is tried again with the new consumer.
     fn read_to_end(&self, store: &KeyStore) -> Result<(), KafkaError> {
+        let result = self.read_to_end_once(store);
+        let Err(error) = &result else {
+            return result;
+        };
+        let timed_out = matches!(error, KafkaError::Canceled)
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut);
+        match reader_consumer(&self.config) {
+            Ok(consumer) => {
+                self.reader
+                    .lock()
+                    .expect("key reader lock is not poisoned")
+                    .consumer = consumer;
+            }
+            Err(replace_error) => {
+                tracing::warn!(topic = %self.name, error = %replace_error, "key topic reader not replaced");
+                return result;
+            }
+        }
+        // A cluster that did not answer in time will not answer the next request sooner.
+        if timed_out {
+            return result;
+        }
+        tracing::debug!(topic = %self.name, error = %error, "key topic catch-up failed; trying once more with a new reader");
+        self.read_to_end_once(store)
+    }
+
+    fn read_to_end_once(&self, store: &KeyStore) -> Result<(), KafkaError> {
         let mut reader = self.reader.lock().expect("key reader lock is not poisoned");
         let KeyReader { consumer, next } = &mut *reader;
         let (_, high) = consumer.fetch_watermarks(&self.name, KEY_PARTITION, CATCH_UP_TIMEOUT)?;
@@ -130,7 +164,13 @@ impl KeyTopic {
         consumer.assign(&assignment)?;
         let started = Instant::now();
         let mut imported = Vec::new();
+        // The last connection error polled, returned only if the catch-up then fails to reach
+        // `high` in time.
+        let mut client_error = None;
         loop {
+            if started.elapsed() > CATCH_UP_TIMEOUT {
+                return Err(client_error.unwrap_or(KafkaError::Canceled));
+            }
             match consumer.poll(POLL) {
                 Some(Ok(message)) => {
                     *next = message.offset() + 1;
@@ -159,10 +199,16 @@ impl KeyTopic {
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(error)) => return Err(error),
-                None if started.elapsed() > CATCH_UP_TIMEOUT => {
-                    return Err(KafkaError::Canceled);
+                Some(Err(error)) if is_connection_error(&error) => {
+                    // The queue also carries the client's connection errors, which librdkafka
+                    // recovers from by itself. This consumer is polled only during a catch-up,
+                    // so such an error may have waited since an outage that ended long ago.
+                    // Returning it would fail each catch-up on one queued error, before any
+                    // record is read. The broker has just returned the watermark, so read on.
+                    tracing::debug!(topic = %self.name, error = %error, "client error during a key topic catch-up; reading on");
+                    client_error = Some(error);
                 }
+                Some(Err(error)) => return Err(error),
                 None => {}
             }
             if *next >= high {

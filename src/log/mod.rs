@@ -14,6 +14,8 @@ pub mod kafka;
 pub mod key_topic;
 pub mod ownership;
 
+use std::time::Duration;
+
 use chartlog_schemas::{ChartId, Envelope, EventSeq};
 use tokio::sync::watch;
 
@@ -97,6 +99,17 @@ pub trait EventLog: Send + Sync + 'static {
     /// Returns a receiver of the position one past the last durable entry; it changes after
     /// every successful append.
     fn end_position(&self) -> watch::Receiver<LogPosition>;
+
+    /// Returns how long ago the end in [`EventLog::end_position`] was last confirmed, or
+    /// `None` when it never was. The embedded log returns zero, because only this node appends
+    /// to it.
+    fn end_age(&self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+
+    /// Asks the storage for its end again, so that [`EventLog::end_position`] stays current
+    /// while reads fail. Blocks the calling thread.
+    fn refresh_end(&self) {}
 
     /// Returns the backend's name for health reports: `embedded` or `kafka`.
     fn backend_name(&self) -> &'static str {
