@@ -48,9 +48,8 @@ pub fn one_line(error: &anyhow::Error) -> String {
     parts.join(": ").replace('\n', " ")
 }
 
-/// Parses the command line of `program`, answering a usage error with one line and exit
-/// status 2, as every other command-line error is answered. Help and version print as clap
-/// writes them.
+/// Parses the command line of `program`. A usage error prints one line and exits with
+/// status 2, like every other command-line error. Help and version print as clap formats them.
 pub fn parse_command_line<T: clap::Parser>(program: &str) -> T {
     match T::try_parse() {
         Ok(parsed) => parsed,

@@ -16,7 +16,8 @@ use crate::auth::Action;
 use crate::command::state::format_instant;
 use crate::command::{Command, Operation};
 
-/// The paging parameter that holds the trail at the log position of its first page.
+/// The paging parameter that limits every page of the trail to the entries before the log
+/// position of its first page.
 const BEFORE_POSITION: &str = "_before-position";
 
 /// Decrypts one stored access event.
@@ -115,9 +116,10 @@ pub async fn access_log(
     let log_end = *state.log.end_position().borrow();
     state.wait_for_projection(log_end).await?;
     let page = page_from(pairs, None)?;
-    // Every reading of the trail appends an access to it, so pages are counted among the
-    // entries before the position where the first page was taken, which every page link
-    // carries; otherwise each page would repeat the last entry of the one before.
+    // Every reading of the trail appends an access to it. Without a fixed bound, each page
+    // would therefore repeat the last entry of the page before, so every page link carries
+    // the log position where the first page was taken.
+    let mut link_pairs = pairs.to_vec();
     let before = match pairs.iter().find(|(name, _)| name == BEFORE_POSITION) {
         Some((_, value)) => value.parse::<u64>().map_err(|_| {
             ApiError::invalid(
@@ -125,12 +127,11 @@ pub async fn access_log(
                 "invalid _before-position; expected a log position from a page link",
             )
         })?,
-        None => log_end.0,
+        None => {
+            link_pairs.push((BEFORE_POSITION.to_owned(), log_end.0.to_string()));
+            log_end.0
+        }
     };
-    let mut link_pairs = pairs.to_vec();
-    if !pairs.iter().any(|(name, _)| name == BEFORE_POSITION) {
-        link_pairs.push((BEFORE_POSITION.to_owned(), before.to_string()));
-    }
     let (accesses, more) = state
         .projection
         .chart_accesses(chart, before, page.offset, page.count)

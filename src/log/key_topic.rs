@@ -134,7 +134,8 @@ impl KeyTopic {
                 return result;
             }
         }
-        // A cluster that did not answer in time will not answer the next request sooner.
+        // A cluster that timed out will most likely time out again, so only fast failures are
+        // retried.
         if timed_out {
             return result;
         }

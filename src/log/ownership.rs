@@ -38,13 +38,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a standby waits between lookups of the owner's URL.
 const LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How long an assigned node waits before trying again to take the log over after a failure;
-/// the wait doubles with each failure in a row, up to [`RETRY_TAKE_OVER_MAX`].
+/// How long an assigned node waits before trying again to take the log over after a failure.
+/// The wait doubles with each failure in a row, up to [`RETRY_TAKE_OVER_MAX`].
 const RETRY_TAKE_OVER: Duration = Duration::from_secs(1);
 
-/// The longest wait between attempts to take the log over. Each attempt reads the whole topic,
-/// so a node that keeps failing (a chart that ends before its recorded head, say) must not
-/// read it every second; a broker outage should still cost little more than the outage.
+/// Maximum wait between attempts to take the log over. Each attempt reads the whole topic, so
+/// a node that keeps failing must not read it every second. Kept short because after a broker
+/// outage the next attempt usually succeeds.
 const RETRY_TAKE_OVER_MAX: Duration = Duration::from_secs(10);
 
 /// Returns the wait before the next attempt to take the log over after `failures` failed
