@@ -22,7 +22,7 @@ trap 'bash compose/kafka.sh stop' EXIT
 bash compose/kafka.sh wait --timeout 120
 export CHARTLOG_TEST_KAFKA_BOOTSTRAP
 CHARTLOG_TEST_KAFKA_BOOTSTRAP=$(bash compose/kafka.sh bootstrap)
-CHARTLOG_TEST_LOG=kafka cargo test --locked --test api --test corpus --test crash
+CHARTLOG_TEST_LOG=kafka CHARTLOG_TEST_KAFKA_PARTITIONS=3 cargo test --locked --test api --test corpus --test crash
 # The fault tests stop and restart the broker, so they run alone, one at a time.
 CHARTLOG_TEST_LOG=kafka cargo test --locked --features kafka-tests --test kafka -- --test-threads=1
 

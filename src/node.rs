@@ -22,7 +22,9 @@ use crate::log::access_topic::AccessTopic;
 use crate::log::kafka::KafkaOpenError;
 use crate::log::key_topic::KeyTopic;
 use crate::log::ownership::{Ownership, Role};
-use crate::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
+use crate::log::{
+    partition_of, EmbeddedLog, EventLog, Frontier, KafkaConfig, KafkaLog, LogPosition,
+};
 use crate::projector::{self, ProjectorStatus};
 use crate::writer::Writer;
 
@@ -117,58 +119,68 @@ fn explain_lock(error: anyhow::Error, data_dir: &Path) -> anyhow::Error {
 /// Fails on the first entry that does not check or decrypt, naming its position.
 pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Result<WriterState> {
     let mut state = WriterState::default();
-    let mut position = LogPosition(0);
     // A read can return nothing before the end, as from a Kafka consumer that is still
     // fetching after an outage. A state rebuilt from part of the log would look as if events
     // were removed, so the rebuild reads up to the end known now.
-    let end = *log.end_position().borrow();
-    let started = Instant::now();
-    loop {
-        let entries = log
-            .read_from(position, 4096)
-            .context("reading the log at start-up")?;
-        if entries.is_empty() {
-            if position >= end {
-                break;
-            }
-            // Past transaction markers, Kafka's next position may already be the end.
-            let resumed = log
-                .resume_position(position)
+    let ends = log.end_position().borrow().clone();
+    let partitions = log.partitions();
+    for partition in 0..partitions {
+        let end = LogPosition::new(partition, ends.get(partition));
+        let mut position = LogPosition::new(partition, 0);
+        let started = Instant::now();
+        loop {
+            let entries = log
+                .read_from(position, 4096)
                 .context("reading the log at start-up")?;
-            if resumed >= end {
-                break;
+            if entries.is_empty() {
+                if position >= end {
+                    break;
+                }
+                // Past transaction markers, Kafka's next position may already be the end.
+                let resumed = log
+                    .resume_position(position)
+                    .context("reading the log at start-up")?;
+                if resumed >= end {
+                    break;
+                }
+                position = position.max(resumed);
+                if started.elapsed() > REBUILD_READ_LIMIT {
+                    anyhow::bail!(
+                        "the log could not be read past position {position} of {end} within {} s",
+                        REBUILD_READ_LIMIT.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
-            position = position.max(resumed);
-            if started.elapsed() > REBUILD_READ_LIMIT {
-                anyhow::bail!(
-                    "the log could not be read past position {position} of {end} within {} s",
-                    REBUILD_READ_LIMIT.as_secs()
-                );
+            for (at, envelope) in &entries {
+                if log.is_dense() && *at != position {
+                    anyhow::bail!(
+                        "log entries at positions {position} to {} are missing; run chartlog-replay verify",
+                        at.offset.saturating_sub(1)
+                    );
+                }
+                let (header, payload, digest) = projector::open_envelope(keys, *at, envelope)
+                    .with_context(|| format!("replaying log entry {at} at start-up"))?;
+                if partition_of(header.chart_id, partitions) != partition {
+                    anyhow::bail!(
+                        "log entry {at} belongs to chart {}, whose events go to another of the {partitions} partitions: the topic's partitions changed after it was written",
+                        header.chart_id
+                    );
+                }
+                let head = state.chart(header.chart_id);
+                let expected_seq = head.map_or(EventSeq::FIRST, |head| head.seq.next());
+                let expected_digest = head.map_or([0u8; 32], |head| head.digest);
+                if header.seq != expected_seq || header.prev_digest != expected_digest {
+                    anyhow::bail!(
+                        "log entry {at} (chart {}, sequence {}) does not continue its chart's hash chain; run chartlog-replay verify",
+                        header.chart_id,
+                        header.seq
+                    );
+                }
+                state.replay(&header, &payload, digest);
+                position = at.next();
             }
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        for (at, envelope) in &entries {
-            if log.is_dense() && *at != position {
-                anyhow::bail!(
-                    "log entries at positions {position} to {} are missing; run chartlog-replay verify",
-                    at.0.saturating_sub(1)
-                );
-            }
-            let (header, payload, digest) = projector::open_envelope(keys, *at, envelope)
-                .with_context(|| format!("replaying log entry {at} at start-up"))?;
-            let head = state.chart(header.chart_id);
-            let expected_seq = head.map_or(EventSeq::FIRST, |head| head.seq.next());
-            let expected_digest = head.map_or([0u8; 32], |head| head.digest);
-            if header.seq != expected_seq || header.prev_digest != expected_digest {
-                anyhow::bail!(
-                    "log entry {at} (chart {}, sequence {}) does not continue its chart's hash chain; run chartlog-replay verify",
-                    header.chart_id,
-                    header.seq
-                );
-            }
-            state.replay(&header, &payload, digest);
-            position = LogPosition(at.0 + 1);
         }
     }
     Ok(state)
@@ -337,7 +349,7 @@ impl Node {
                     keys.set_source(key_topic.clone());
                     log.attach_keys(keys.clone(), key_topic);
                     tracing::info!(topic = %kafka.topic, "using the kafka log");
-                    let partition = log.partition();
+                    let partition = log.lease_partition();
                     (wrap(Arc::new(log)), None, Some(partition))
                 }
             };
@@ -367,15 +379,26 @@ impl Node {
             .map_err(anyhow::Error::from)
             .map_err(|error| explain_lock(error, &data_dir))?;
         let projection = Arc::new(projection);
-        let applied = projection.position()?;
-        let log_end = *log.end_position().borrow();
+        if projection.cleared_for_rebuild() {
+            tracing::warn!(
+                "the chart projection was written in an earlier layout; it was cleared and is rebuilt from the log"
+            );
+        }
+        let applied = Frontier::from_offsets(projection.positions(log.partitions())?);
+        let log_end = log.end_position().borrow().clone();
         // A node started while the cluster is away does not know the end yet; its projector
         // makes this check once it does.
-        if applied > log_end.0 && !offline {
-            anyhow::bail!(
-                "the chart projection has applied {applied} log entries but the log contains only {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
-                log_end.0
-            );
+        if !offline {
+            for partition in 0..log.partitions() {
+                let (applied, end) = (applied.get(partition), log_end.get(partition));
+                if applied > end {
+                    anyhow::bail!(
+                        "the chart projection has applied {} but the log ends at {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
+                        LogPosition::new(partition, applied),
+                        LogPosition::new(partition, end)
+                    );
+                }
+            }
         }
 
         let (shutdown, shutdown_receiver) = watch::channel(false);
@@ -383,7 +406,7 @@ impl Node {
             log.clone(),
             keys.clone(),
             Arc::new(RwLock::new(state)),
-            LogPosition(applied),
+            applied,
         );
         let (projector, projector_task) = projector::start(
             log.clone(),
@@ -457,15 +480,15 @@ impl Node {
             drain_task: Some(drain_task),
             writer_thread: Some(writer_thread),
         };
-        let end = *node.log.end_position().borrow();
+        let end = node.log.end_position().borrow().clone();
         let projected = node
-            .wait_for_projection(end, Duration::from_secs(600))
+            .wait_for_projection(&end, Duration::from_secs(600))
             .await;
         if let Err(error) = projected {
             // New keys meeting an old log, or a log signed by a key the trusted list lacks:
             // both mean the node's key files are not those of the log's other nodes.
             let foreign_signer = format!("{error:#}").contains("unknown signer");
-            if (!created.is_empty() && end.0 > 0) || foreign_signer {
+            if (!created.is_empty() && end.total() > 0) || foreign_signer {
                 return Err(error.context(
                     "the log holds events this node's key files cannot check; every node on one log needs the same kek.key, node-signing.key and trusted-signers, copied before its first start",
                 ));
@@ -490,20 +513,20 @@ impl Node {
         Ok(node)
     }
 
-    /// Waits until the projection has applied every entry before `position`.
+    /// Waits until the projection has applied every entry before `end` in each partition.
     ///
     /// # Errors
     ///
     /// Fails when the projector halted or the wait timed out.
     pub async fn wait_for_projection(
         &self,
-        position: LogPosition,
+        end: &Frontier,
         timeout: Duration,
     ) -> anyhow::Result<()> {
         let mut status = self.projector.clone();
         let reached = tokio::time::timeout(
             timeout,
-            status.wait_for(|status| status.applied >= position.0 || status.halted.is_some()),
+            status.wait_for(|status| status.applied.covers(end) || status.halted.is_some()),
         )
         .await
         .context("timed out waiting for the chart projection")?

@@ -13,7 +13,7 @@ use chartlog_schemas::{ChartAccessed, Envelope, EventHeader, EventPayload, Event
 use tokio::sync::watch;
 
 use crate::crypto::{self, KeyStore};
-use crate::log::{EventLog, LogPosition};
+use crate::log::{EventLog, Frontier, LogPosition};
 
 /// Number of log entries read and applied in one projection write.
 const APPLY_BATCH: usize = 1024;
@@ -62,8 +62,8 @@ impl ProjectError {
 /// State the projector publishes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProjectorStatus {
-    /// Next log position to apply: every entry before it is in the projection.
-    pub applied: u64,
+    /// Next offset to apply in each partition: every entry before it is in the projection.
+    pub applied: Frontier,
     /// Set when the projector stopped on an error it cannot pass.
     pub halted: Option<String>,
     /// Set while the projector retries an entry it could not read or open for now (the log or
@@ -115,8 +115,38 @@ fn open_checked(
     ))
 }
 
-/// Applies the next batch of log entries. Returns the new position, or `None` when the
-/// projection is at the end of the log.
+/// Applies the next batch of every partition's entries. Returns the next offset of each
+/// partition, when it could be read, and whether any moved.
+///
+/// # Errors
+///
+/// Any [`ProjectError`] in the second element; each partition then stays at its last good
+/// position.
+pub fn apply_round(
+    log: &dyn EventLog,
+    keys: &KeyStore,
+    projection: &ChartProjection,
+) -> (Option<Frontier>, Result<bool, ProjectError>) {
+    let mut moved = false;
+    let mut outcome = Ok(());
+    for partition in 0..log.partitions() {
+        match apply_next(log, keys, projection, partition) {
+            Ok(next) => moved |= next.is_some(),
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
+        }
+    }
+    let applied = projection
+        .positions(log.partitions())
+        .ok()
+        .map(Frontier::from_offsets);
+    (applied, outcome.map(|()| moved))
+}
+
+/// Applies the next batch of log entries of `partition`. Returns the new offset, or `None`
+/// when the projection is at the end of the partition.
 ///
 /// # Errors
 ///
@@ -125,16 +155,17 @@ pub fn apply_next(
     log: &dyn EventLog,
     keys: &KeyStore,
     projection: &ChartProjection,
+    partition: u32,
 ) -> Result<Option<u64>, ProjectError> {
-    let from = projection.position()?;
-    let entries = log.read_from(LogPosition(from), APPLY_BATCH)?;
+    let from = LogPosition::new(partition, projection.position(partition)?);
+    let entries = log.read_from(from, APPLY_BATCH)?;
     if entries.is_empty() {
         // On Kafka a transaction marker can sit at the end of the log; moving past it lets
         // waiters that know the log's end see the projection reach it.
-        let resume = log.resume_position(LogPosition(from))?;
-        if resume.0 > from {
-            projection.apply_until(&[], log.is_dense(), Some(resume.0))?;
-            return Ok(Some(resume.0));
+        let resume = log.resume_position(from)?;
+        if resume.offset > from.offset {
+            projection.apply_until(partition, &[], log.is_dense(), Some(resume.offset))?;
+            return Ok(Some(resume.offset));
         }
         return Ok(None);
     }
@@ -179,15 +210,15 @@ pub fn apply_next(
         .zip(&entries)
         .map(
             |((position, header, payload), (_, envelope))| ProjectedEvent {
-                position: position.0,
+                position: position.offset,
                 header,
                 payload,
                 envelope: &envelope.0,
             },
         )
         .collect();
-    projection.apply_until(&projected, log.is_dense(), None)?;
-    Ok(Some(projection.position()?))
+    projection.apply_until(partition, &projected, log.is_dense(), None)?;
+    Ok(Some(projection.position(partition)?))
 }
 
 /// Formats an error with its causes, for a halt reason that names the failed check. Errors
@@ -214,9 +245,12 @@ pub fn start(
     watch::Receiver<ProjectorStatus>,
     tokio::task::JoinHandle<()>,
 ) {
-    let initial = projection.position().unwrap_or(0);
+    let initial = projection
+        .positions(log.partitions())
+        .map(Frontier::from_offsets)
+        .unwrap_or_else(|_| Frontier::start(log.partitions()));
     let (status, receiver) = watch::channel(ProjectorStatus {
-        applied: initial,
+        applied: initial.clone(),
         halted: None,
         retrying: None,
     });
@@ -225,25 +259,32 @@ pub fn start(
         let mut read_failures: u32 = 0;
         tracing::info!(
             projection = "chart",
-            position = initial,
+            position = initial.total(),
             "projector started"
         );
         loop {
             let step = {
                 let (log, keys, projection) = (log.clone(), keys.clone(), projection.clone());
-                tokio::task::spawn_blocking(move || apply_next(log.as_ref(), &keys, &projection))
+                tokio::task::spawn_blocking(move || apply_round(log.as_ref(), &keys, &projection))
                     .await
             };
-            match step {
-                Ok(Ok(Some(position))) => {
-                    read_failures = 0;
-                    status.send_modify(|current| {
-                        current.applied = position;
-                        current.retrying = None;
+            let step = step.map(|(applied, outcome)| {
+                if let Some(applied) = applied {
+                    status.send_if_modified(|current| {
+                        let moved = current.applied != applied;
+                        current.applied = applied;
+                        moved
                     });
+                }
+                outcome
+            });
+            match step {
+                Ok(Ok(true)) => {
+                    read_failures = 0;
+                    status.send_if_modified(|current| current.retrying.take().is_some());
                     continue;
                 }
-                Ok(Ok(None)) => {
+                Ok(Ok(false)) => {
                     // The read reached the end it could see, so the next failure starts the
                     // back-off from its shortest delay.
                     read_failures = 0;

@@ -2,7 +2,7 @@
 //! chart's sequence numbering, hash chain and timestamps, that every payload decrypts, and that
 //! each chart ends where its recorded head says.
 //!
-//! [`verify_log`] reads the log in position order and keeps, per chart, the last sequence
+//! [`verify_log`] reads each partition of the log in position order and keeps, per chart, the last sequence
 //! number, digest and timestamp. It reports problems with the position, chart id and sequence
 //! number involved, never with payload content.
 
@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use chartlog_schemas::{ChartId, EventSeq, HlcTimestamp, SignerId};
 
 use crate::crypto::{self, KeyStore};
-use crate::log::{EventLog, LogPosition, RecordedHead};
+use crate::log::{partition_of, EventLog, LogPosition, RecordedHead};
 
 /// The chart heads recorded beside a log, and how they relate to the entries read.
 #[derive(Clone, Copy, Debug)]
@@ -33,7 +33,7 @@ const MAX_PROBLEMS: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// Log position of the entry, or of the gap.
-    pub position: u64,
+    pub position: LogPosition,
     /// Chart of the entry, when its header could be read.
     pub chart_id: Option<ChartId>,
     /// Sequence number of the entry, when its header could be read.
@@ -86,7 +86,7 @@ struct ChartTail {
     seq: EventSeq,
     digest: [u8; 32],
     recorded_at: HlcTimestamp,
-    position: u64,
+    position: LogPosition,
 }
 
 /// Verifies every entry of `log` with the keys in `keys`, and each chart against its head as
@@ -111,44 +111,60 @@ pub fn verify_log(
             .collect(),
         _ => HashMap::new(),
     };
-    let mut reached: HashMap<ChartId, (u64, bool)> = HashMap::new();
-    let mut expected_position = 0u64;
-    let mut from = LogPosition(0);
+    let mut reached: HashMap<ChartId, (LogPosition, bool)> = HashMap::new();
+    let partitions = log.partitions();
+    // Where each partition's reading ended: a chart missing from the log is reported there.
+    let mut ends = vec![0u64; partitions as usize];
 
-    'read: loop {
-        let entries = log.read_from(from, 4096)?;
-        if entries.is_empty() {
-            break;
-        }
-        for (position, envelope) in &entries {
-            from = LogPosition(position.0 + 1);
-            report.events += 1;
-            if log.is_dense() && position.0 != expected_position {
-                report.problems.push(Problem {
-                    position: expected_position,
-                    chart_id: None,
-                    seq: None,
-                    failure: format!(
-                        "log entries at positions {expected_position} to {} are missing",
-                        position.0 - 1
-                    ),
-                });
+    'read: for partition in 0..partitions {
+        let mut from = LogPosition::new(partition, 0);
+        loop {
+            let entries = log.read_from(from, 4096)?;
+            if entries.is_empty() {
+                break;
             }
-            expected_position = position.0 + 1;
-            let read = check_entry(position.0, &envelope.0, keys, &mut tails, &mut report);
-            if let Some((chart_id, seq, digest)) = read {
-                if let Some((head_seq, head_digest)) = earlier.get(&chart_id) {
-                    if *head_seq == seq {
-                        reached.insert(chart_id, (position.0, digest == *head_digest));
+            for (position, envelope) in &entries {
+                let expected = from.offset;
+                from = position.next();
+                report.events += 1;
+                if log.is_dense() && position.offset != expected {
+                    report.problems.push(Problem {
+                        position: LogPosition::new(partition, expected),
+                        chart_id: None,
+                        seq: None,
+                        failure: format!(
+                            "log entries at positions {expected} to {} are missing",
+                            position.offset - 1
+                        ),
+                    });
+                }
+                ends[partition as usize] = position.offset + 1;
+                let read = check_entry(
+                    *position,
+                    partitions,
+                    &envelope.0,
+                    keys,
+                    &mut tails,
+                    &mut report,
+                );
+                if let Some((chart_id, seq, digest)) = read {
+                    if let Some((head_seq, head_digest)) = earlier.get(&chart_id) {
+                        if *head_seq == seq {
+                            reached.insert(chart_id, (*position, digest == *head_digest));
+                        }
                     }
                 }
-            }
-            if report.problems.len() >= MAX_PROBLEMS {
-                report.stopped_early = true;
-                break 'read;
+                if report.problems.len() >= MAX_PROBLEMS {
+                    report.stopped_early = true;
+                    break 'read;
+                }
             }
         }
     }
+    let end_of = |chart_id: ChartId| {
+        let partition = partition_of(chart_id, partitions);
+        LogPosition::new(partition, ends[partition as usize])
+    };
 
     if report.stopped_early {
         // Charts read only in part would all look as if their last events were removed.
@@ -167,7 +183,9 @@ pub fn verify_log(
             let failure = match reached.get(chart_id) {
                 Some((_, true)) => continue,
                 None if damaged.contains(chart_id) => Problem {
-                    position: tails.get(chart_id).map_or(expected_position, |tail| tail.position),
+                    position: tails
+                        .get(chart_id)
+                        .map_or_else(|| end_of(*chart_id), |tail| tail.position),
                     chart_id: Some(*chart_id),
                     seq: Some(seq.0),
                     failure: format!(
@@ -182,8 +200,8 @@ pub fn verify_log(
                 },
                 None => {
                     let tail = tails.get(chart_id);
-                    let (position, found) =
-                        tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
+                    let (position, found) = tail
+                        .map_or((end_of(*chart_id), 0), |tail| (tail.position, tail.seq.0));
                     Problem {
                         position,
                         chart_id: Some(*chart_id),
@@ -203,7 +221,7 @@ pub fn verify_log(
             let matches = tail.is_some_and(|tail| tail.seq == *seq && tail.digest == *digest);
             if !matches {
                 let (position, found) =
-                    tail.map_or((expected_position, 0), |tail| (tail.position, tail.seq.0));
+                    tail.map_or((end_of(*chart_id), 0), |tail| (tail.position, tail.seq.0));
                 let failure = if damaged.contains(chart_id) {
                     format!(
                         "chart ends at sequence {found} but its recorded head is sequence {seq}, because of the problems above"
@@ -237,7 +255,8 @@ pub fn verify_log(
 /// Checks one entry and moves its chart's tail on. Returns the entry's chart, sequence number
 /// and digest when its signature held.
 fn check_entry(
-    position: u64,
+    position: LogPosition,
+    partitions: u32,
     bytes: &[u8],
     keys: &KeyStore,
     tails: &mut HashMap<ChartId, ChartTail>,
@@ -263,6 +282,14 @@ fn check_entry(
     let header = parsed.header.clone();
     let chart_id = Some(header.chart_id);
     let seq = Some(header.seq.0);
+    let home = partition_of(header.chart_id, partitions);
+    if home != position.partition {
+        report.problems.push(problem(
+            chart_id,
+            seq,
+            format!("the chart's events belong in partition {home} of {partitions}, not here"),
+        ));
+    }
 
     let checked = match crypto::check_envelope(bytes, keys.trusted_signers()) {
         Ok(checked) => checked,

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::command::state::UndoJournal;
 use crate::command::{Command, CommandError, OperationResult, WriterState};
 use crate::crypto::{self, KeyStore};
-use crate::log::{AppendError, EventLog, LogPosition};
+use crate::log::{AppendError, EventLog, Frontier, LogPosition};
 
 /// Maximum number of commands sealed and synced together. Large enough that a sync of a few
 /// milliseconds amortizes over thousands of commands per second, small enough that one batch's
@@ -49,9 +49,9 @@ pub enum WriteError {
 pub struct WriteOutcome {
     /// Result of each operation.
     pub results: Vec<OperationResult>,
-    /// Log position one past the command's last event, to wait for in projections. For a
-    /// repeated command id, the end of the log when it was handled.
-    pub end_position: LogPosition,
+    /// Per partition, the offset one past the command's events there, to wait for in
+    /// projections. For a repeated command id, the end of the log when it was handled.
+    pub end_position: Frontier,
     /// The stored JSON of each version written, in the order of the `Recorded` results, so a
     /// handler can respond without reading the version back. Empty for a repeated command id.
     pub bodies: Vec<String>,
@@ -116,7 +116,7 @@ impl Writer {
         log: Arc<dyn EventLog>,
         keys: Arc<KeyStore>,
         state: Arc<RwLock<WriterState>>,
-        projected: LogPosition,
+        projected: Frontier,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         state
             .write()
@@ -248,7 +248,7 @@ fn run(
     state: Arc<RwLock<WriterState>>,
     appends_failing: Arc<AtomicBool>,
     counters: Arc<AppendCounters>,
-    projected: LogPosition,
+    projected: Frontier,
 ) {
     tracing::info!("writer started");
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
@@ -277,7 +277,7 @@ fn run(
             }
         }
         if let Some(reply) = take_over {
-            let outcome = take_log_over(log.as_ref(), &keys, &state, projected);
+            let outcome = take_log_over(log.as_ref(), &keys, &state, &projected);
             if outcome.is_ok() {
                 appends_failing.store(false, Ordering::Relaxed);
             }
@@ -294,17 +294,22 @@ fn take_log_over(
     log: &dyn EventLog,
     keys: &KeyStore,
     state: &RwLock<WriterState>,
-    projected: LogPosition,
+    projected: &Frontier,
 ) -> anyhow::Result<()> {
     log.begin_ownership()?;
     // The projection had applied this much when the node started. A log that ends before it
     // lost entries, so writing on would start chains again on top of the loss.
-    let end = *log.end_position().borrow();
-    if end < projected {
-        log.release_ownership();
-        anyhow::bail!(
-            "the log ends at position {end} but this node's projection has applied {projected} entries: entries were lost from the log; restore it from a backup and run chartlog-replay verify"
-        );
+    let end = log.end_position().borrow().clone();
+    for partition in 0..log.partitions() {
+        let (end, projected) = (end.get(partition), projected.get(partition));
+        if end < projected {
+            log.release_ownership();
+            anyhow::bail!(
+                "the log ends at position {} but this node's projection has applied up to {}: entries were lost from the log; restore it from a backup and run chartlog-replay verify",
+                LogPosition::new(partition, end),
+                LogPosition::new(partition, projected)
+            );
+        }
     }
     let mut rebuilt = crate::node::rebuild_writer_state(log, keys)?;
     rebuilt.set_resource_limit(log.max_resource_bytes());
@@ -416,7 +421,7 @@ fn process_batch(
         }
     }
     if planned.is_empty() {
-        let end = *log.end_position().borrow();
+        let end = log.end_position().borrow().clone();
         answer_all(accepted, Ok(end), &[]);
         return BatchOutcome::NothingToAppend;
     }
@@ -457,9 +462,7 @@ fn process_batch(
                 state.set_chart_digest(event.chart_id, *digest);
             }
             drop(state);
-            let end = positions
-                .last()
-                .map_or(LogPosition(0), |last| LogPosition(last.0 + 1));
+            let end = reached(&positions);
             answer_all(accepted, Ok(end), &positions);
             BatchOutcome::Appended(positions.len())
         }
@@ -557,19 +560,37 @@ fn digest_of(envelope: &chartlog_schemas::Envelope) -> [u8; 32] {
     digest
 }
 
+/// Returns, per partition, the offset one past the last of `positions` there.
+fn reached(positions: &[LogPosition]) -> Frontier {
+    let mut end = Frontier::default();
+    for position in positions {
+        end.raise(position.partition, position.offset + 1);
+    }
+    end
+}
+
 fn answer_all(
     accepted: Vec<Accepted>,
-    outcome: Result<LogPosition, WriteError>,
+    outcome: Result<Frontier, WriteError>,
     positions: &[LogPosition],
 ) {
+    // Events of one batch become visible together, so waiting for the batch's events up to a
+    // command's last covers the command's own. Commands come in batch order, so the frontier
+    // of the events up to each one's last grows as the commands are answered.
+    let mut so_far = Frontier::default();
+    let mut counted = 0;
     for command in accepted {
         let reply = match &outcome {
             Ok(end) => {
                 let end_position = match command.last_event {
-                    Some(index) => positions
-                        .get(index)
-                        .map_or(*end, |at| LogPosition(at.0 + 1)),
-                    None => *end,
+                    Some(index) if index < positions.len() => {
+                        for position in positions.iter().take(index + 1).skip(counted) {
+                            so_far.raise(position.partition, position.offset + 1);
+                        }
+                        counted = counted.max(index + 1);
+                        so_far.clone()
+                    }
+                    _ => end.clone(),
                 };
                 Ok(WriteOutcome {
                     results: command.results,

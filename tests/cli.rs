@@ -178,20 +178,25 @@ fn usage_error_is_one_line() {
 }
 
 #[test]
-fn unreadable_replication_setting_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let message = run_failing(
-        chartlog()
-            .args(["serve", "--log-backend", "kafka", "--data"])
-            .arg(dir.path())
-            .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
-            .env("CHARTLOG_KAFKA_REPLICATION_FACTOR", "three"),
-    );
-    assert_eq!(message.lines().count(), 1, "{message}");
-    assert!(
-        message.contains("CHARTLOG_KAFKA_REPLICATION_FACTOR must be a positive whole number"),
-        "{message}"
-    );
+fn unreadable_kafka_counts_are_refused() {
+    for (variable, value) in [
+        ("CHARTLOG_KAFKA_REPLICATION_FACTOR", "three"),
+        ("CHARTLOG_KAFKA_PARTITIONS", "0"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let message = run_failing(
+            chartlog()
+                .args(["serve", "--log-backend", "kafka", "--data"])
+                .arg(dir.path())
+                .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+                .env(variable, value),
+        );
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(
+            message.contains(&format!("{variable} must be a positive whole number")),
+            "{message}"
+        );
+    }
 }
 
 #[test]

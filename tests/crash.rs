@@ -72,7 +72,8 @@ impl Setup {
             command
                 .env("CHARTLOG_LOG_BACKEND", "kafka")
                 .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
-                .env("CHARTLOG_KAFKA_TOPIC", &kafka.topic);
+                .env("CHARTLOG_KAFKA_TOPIC", &kafka.topic)
+                .env("CHARTLOG_KAFKA_PARTITIONS", kafka.partitions.to_string());
         }
         command
     }

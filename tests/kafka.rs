@@ -89,13 +89,13 @@ async fn newer_writer_fences_the_older() {
     // A read may return fewer entries than there are; read until one comes back empty.
     let entries = tokio::task::spawn_blocking(move || {
         let mut entries = Vec::new();
-        let mut from = chartlog::log::LogPosition(0);
+        let mut from = chartlog::log::LogPosition::new(0, 0);
         loop {
             let batch = newer.read_from(from, 10).unwrap();
             let Some((last, _)) = batch.last() else {
                 break entries;
             };
-            from = chartlog::log::LogPosition(last.0 + 1);
+            from = last.next();
             entries.extend(batch);
         }
     })
@@ -222,6 +222,16 @@ fn copy_key_files(from: &std::path::Path, to: &std::path::Path) {
 }
 
 fn replay(arguments: &[&str], data: &std::path::Path, topic: &str) -> (bool, String) {
+    replay_on(arguments, data, topic, common::test_partitions())
+}
+
+/// Runs `chartlog-replay` on a topic of `partitions` partitions.
+fn replay_on(
+    arguments: &[&str],
+    data: &std::path::Path,
+    topic: &str,
+    partitions: u32,
+) -> (bool, String) {
     let bootstrap = common::test_kafka_config().unwrap().bootstrap_servers;
     // The binary belongs to another package of the workspace, built beside this test's.
     let deps = std::env::current_exe().unwrap();
@@ -242,6 +252,7 @@ fn replay(arguments: &[&str], data: &std::path::Path, topic: &str) -> (bool, Str
         .arg(data)
         .env("CHARTLOG_KAFKA_BOOTSTRAP_SERVERS", bootstrap)
         .env("CHARTLOG_KAFKA_TOPIC", topic)
+        .env("CHARTLOG_KAFKA_PARTITIONS", partitions.to_string())
         .output()
         .unwrap();
     let text = format!(
@@ -254,10 +265,10 @@ fn replay(arguments: &[&str], data: &std::path::Path, topic: &str) -> (bool, Str
 
 fn embedded_entries(data: &std::path::Path) -> Vec<(u64, Vec<u8>)> {
     let log = chartlog::log::EmbeddedLog::open_read_only(&data.join("log")).unwrap();
-    log.read_from(chartlog::log::LogPosition(0), 100_000)
+    log.read_from(chartlog::log::LogPosition::new(0, 0), 100_000)
         .unwrap()
         .into_iter()
-        .map(|(position, envelope)| (position.0, envelope.0))
+        .map(|(position, envelope)| (position.offset, envelope.0))
         .collect()
 }
 
@@ -317,6 +328,208 @@ async fn copy_moves_logs_byte_for_byte() {
         dump(target.path()),
         dump(source.path()),
         "projections built from the two copies differ"
+    );
+}
+
+/// Reads every record of each partition of `log`, as bytes, partition by partition.
+async fn partition_records(log: std::sync::Arc<dyn EventLog>) -> Vec<Vec<Vec<u8>>> {
+    tokio::task::spawn_blocking(move || {
+        (0..log.partitions())
+            .map(|partition| {
+                let mut records = Vec::new();
+                let mut from = chartlog::log::LogPosition::new(partition, 0);
+                loop {
+                    let batch = log.read_from(from, 1000).unwrap();
+                    let Some((last, _)) = batch.last() else {
+                        break records;
+                    };
+                    from = last.next();
+                    records.extend(batch.into_iter().map(|(_, envelope)| envelope.0));
+                }
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn charts_spread_over_partitions_keep_order_and_state() {
+    const PARTITIONS: u32 = 3;
+    let mut kafka =
+        common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    kafka.partitions = PARTITIONS;
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let mut patients = Vec::new();
+    for index in 0..9 {
+        let id = node
+            .create(&patient("Spread", &format!("Chart{index}"), "1970-01-01"))
+            .await;
+        let weight = post_weight(&node, &id, "70.0", "2024-01-01T00:00:00Z").await;
+        assert_eq!(weight.status, StatusCode::CREATED, "{}", weight.text);
+        let observation = weight.json["id"].as_str().unwrap().to_owned();
+        patients.push((id, observation));
+    }
+    let health = node.get("/health").await;
+    let ends = health.json["log"]["partition_ends"].as_array().unwrap();
+    assert_eq!(ends.len(), PARTITIONS as usize, "{}", health.text);
+    let used = ends.iter().filter(|end| end.as_u64() > Some(0)).count();
+    assert!(
+        used > 1,
+        "nine charts all went to one partition: {}",
+        health.text
+    );
+
+    // Every record sits in the partition its chart id names, in sequence order.
+    let records = partition_records(node.node.log.clone()).await;
+    for (partition, records) in records.iter().enumerate() {
+        let mut last_seq = std::collections::HashMap::new();
+        for bytes in records {
+            let parsed = chartlog_schemas::envelope::parse(bytes).unwrap();
+            let chart = parsed.header.chart_id;
+            assert_eq!(
+                chartlog::log::partition_of(chart, PARTITIONS),
+                partition as u32,
+                "chart {chart} has an event outside its partition"
+            );
+            let previous = last_seq.insert(chart, parsed.header.seq.0).unwrap_or(0);
+            assert_eq!(
+                parsed.header.seq.0,
+                previous + 1,
+                "chart {chart} out of order"
+            );
+        }
+    }
+
+    // After a restart the writer state comes back from every partition: a stale If-Match
+    // is refused and the current one accepted.
+    let (dir, kafka) = node.stop().await;
+    let node = TestNode::start_in(dir, kafka.clone()).await;
+    for (patient_id, observation) in &patients {
+        let uri = format!("/fhir/Observation/{observation}");
+        let mut body = common::weight(patient_id, "71.0", "2024-01-02T00:00:00Z");
+        body["id"] = observation.as_str().into();
+        let stale = node
+            .put(&uri, &body.to_string(), &[("if-match", "W/\"2\"")])
+            .await;
+        assert_eq!(
+            stale.status,
+            StatusCode::PRECONDITION_FAILED,
+            "{}",
+            stale.text
+        );
+        let current = node
+            .put(&uri, &body.to_string(), &[("if-match", "W/\"1\"")])
+            .await;
+        assert_eq!(current.status, StatusCode::OK, "{}", current.text);
+    }
+    let history = node.get("/fhir/Observation/_history").await;
+    assert_eq!(history.status, StatusCode::OK, "{}", history.text);
+    let entries = history.json["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 18, "{}", history.text);
+    let stamps: Vec<&str> = entries
+        .iter()
+        .map(|entry| entry["resource"]["meta"]["lastUpdated"].as_str().unwrap())
+        .collect();
+    let mut newest_first = stamps.clone();
+    newest_first.sort_by(|left, right| right.cmp(left));
+    assert_eq!(stamps, newest_first, "the type history is not newest first");
+    let kafka = kafka.unwrap();
+    let original = partition_records(node.node.log.clone()).await;
+    let (source, _) = node.stop().await;
+
+    let (verified, output) = replay_on(
+        &["verify", "--log-backend", "kafka"],
+        source.path(),
+        &kafka.topic,
+        PARTITIONS,
+    );
+    assert!(verified, "{output}");
+    // A topic read with another partition count is refused, not misread.
+    let (misread, output) = replay_on(
+        &["verify", "--log-backend", "kafka"],
+        source.path(),
+        &kafka.topic,
+        1,
+    );
+    assert!(
+        !misread,
+        "verify read a topic of three partitions as one: {output}"
+    );
+    assert!(
+        output.contains("has 3 partitions but 1 are configured"),
+        "{output}"
+    );
+
+    // Into one embedded log, merged in recorded order, and out again into a new topic of
+    // three partitions: each partition holds the same records in the same order.
+    let embedded = tempfile::tempdir().unwrap();
+    copy_tree(&source.path().join("keys"), &embedded.path().join("keys"));
+    let (copied, output) = replay_on(
+        &["copy", "--direction", "from-kafka"],
+        embedded.path(),
+        &kafka.topic,
+        PARTITIONS,
+    );
+    assert!(copied, "{output}");
+    let (verified, output) = replay(&["verify"], embedded.path(), &kafka.topic);
+    assert!(
+        verified,
+        "the merged embedded log does not verify: {output}"
+    );
+    let second_topic = format!("{}-again", kafka.topic);
+    let (copied, output) = replay_on(
+        &["copy", "--direction", "to-kafka"],
+        embedded.path(),
+        &second_topic,
+        PARTITIONS,
+    );
+    assert!(copied, "{output}");
+    let mut settings = kafka.clone();
+    settings.topic = second_topic;
+    let again = KafkaLog::open_reader(settings).await.unwrap();
+    assert_eq!(
+        partition_records(std::sync::Arc::new(again)).await,
+        original,
+        "the round trip through the embedded log changed a partition"
+    );
+
+    // A genuine event written again into another partition is named, not read as a chart's.
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let (home, records) = original
+        .iter()
+        .enumerate()
+        .find(|(_, records)| !records.is_empty())
+        .unwrap();
+    let elsewhere = (home as i32 + 1) % PARTITIONS as i32;
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            BaseRecord::<(), _>::to(&kafka.topic)
+                .partition(elsewhere)
+                .payload(records[0].as_slice()),
+        )
+        .map_err(|(error, _)| error)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let (verified, output) = replay_on(
+        &["verify", "--log-backend", "kafka"],
+        source.path(),
+        &kafka.topic,
+        PARTITIONS,
+    );
+    assert!(
+        !verified,
+        "an event moved to another partition verified: {output}"
+    );
+    assert!(
+        output.contains(&format!(
+            "the chart's events belong in partition {home} of 3"
+        )),
+        "{output}"
     );
 }
 
@@ -412,7 +625,7 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
     // A chart created after the standby started: its data key reaches the standby with its
     // first events, so the standby's projection applies them instead of halting.
     let later_id = first.create(&patient("Later", "Chart", "1980-05-05")).await;
-    let first_end = first.node.log.end_position().borrow().0;
+    let first_end = first.node.log.end_position().borrow().total();
     let caught_up = eventually(Duration::from_secs(20), || async {
         let health = second.call(Method::GET, "/health", None, None, &[]).await;
         let applied = health.json["projections"]["chart"]["applied_position"].as_u64();
@@ -1338,8 +1551,8 @@ async fn emptied_topic_take_over_rejected() {
         reply.text
     );
     assert_eq!(
-        *node.node.log.end_position().borrow(),
-        chartlog::log::LogPosition(0),
+        node.node.log.end_position().borrow().total(),
+        0,
         "something was written on the emptied topic"
     );
 }

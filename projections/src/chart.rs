@@ -5,14 +5,21 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `!position` | next log position to apply, 8 bytes big-endian |
+//! | `!layout` | version of this key layout, 4 bytes big-endian |
+//! | `!position` | next offset of partition 0 to apply, 8 bytes big-endian |
+//! | `!position` partition | next offset of a later partition (4 bytes big-endian) to apply |
 //! | `v` type `\0` id `\0` version | [`VersionRecord`] |
 //! | `c` type `\0` id | current version number |
-//! | `h` chart id, position | type `\0` id `\0` version: the chart's history in log order |
-//! | `t` type `\0` position | id `\0` version: the type's history in log order |
+//! | `h` chart id, offset | type `\0` id `\0` version: the chart's history in log order |
+//! | `t` type `\0` time, partition, offset | id `\0` version: the type's history in the order the events were recorded |
 //! | `m` chart id, type `\0` id | empty: resources of a chart that are not deleted |
 //! | `p` patient id | chart id |
-//! | `a` chart id, position | envelope of a chart-accessed event: the chart's access log |
+//! | `a` chart id, offset | envelope of a chart-accessed event: the chart's access log |
+//!
+//! A chart's events are all in one partition of the log, so the chart-keyed indexes use the
+//! offset in it. The type history spans charts and so partitions; it is ordered by the
+//! events' timestamps, which one writer issues in increasing order, then by partition and
+//! offset. A projection of an earlier layout is cleared when opened and rebuilt from the log.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +29,29 @@ use serde::{Deserialize, Serialize};
 use crate::ProjectedEvent;
 
 const POSITION_KEY: &[u8] = b"!position";
+const LAYOUT_KEY: &[u8] = b"!layout";
+
+/// Version of the key layout. Projections of another version are cleared and rebuilt.
+const LAYOUT: u32 = 2;
+
+/// Returns the key of the next offset to apply in `partition`.
+fn position_key(partition: u32) -> Vec<u8> {
+    let mut key = POSITION_KEY.to_vec();
+    if partition > 0 {
+        key.extend_from_slice(&partition.to_be_bytes());
+    }
+    key
+}
+
+/// Encodes a timestamp so that byte order is time order.
+fn timestamp_key(timestamp: HlcTimestamp) -> [u8; 12] {
+    let mut key = [0; 12];
+    // Flipping the sign bit makes two's complement order unsigned order.
+    let wall = (timestamp.wall_micros as u64) ^ (1 << 63);
+    key[..8].copy_from_slice(&wall.to_be_bytes());
+    key[8..].copy_from_slice(&timestamp.logical.to_be_bytes());
+    key
+}
 
 /// Raw key-value pairs read from the projection.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
@@ -72,7 +102,9 @@ pub struct VersionRecord {
     pub deleted: bool,
     /// Sequence number of the event in its chart.
     pub seq: u64,
-    /// Log position of the event.
+    /// Partition of the log holding the event.
+    pub partition: u32,
+    /// Offset of the event in its partition.
     pub position: u64,
     /// When the event was recorded.
     pub recorded_at: HlcTimestamp,
@@ -80,12 +112,25 @@ pub struct VersionRecord {
     pub envelope: Vec<u8>,
 }
 
+impl VersionRecord {
+    /// Returns the record's place in the order the log recorded events: timestamp, then
+    /// partition and offset.
+    pub fn log_order(&self) -> (HlcTimestamp, u32, u64) {
+        (self.recorded_at, self.partition, self.position)
+    }
+}
+
 impl std::fmt::Debug for VersionRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "VersionRecord({}/{}/_history/{}, deleted {}, position {})",
-            self.resource_type, self.resource_id, self.version, self.deleted, self.position
+            "VersionRecord({}/{}/_history/{}, deleted {}, position {}:{})",
+            self.resource_type,
+            self.resource_id,
+            self.version,
+            self.deleted,
+            self.partition,
+            self.position
         )
     }
 }
@@ -94,6 +139,8 @@ impl std::fmt::Debug for VersionRecord {
 pub struct ChartProjection {
     db: rocksdb::DB,
     path: PathBuf,
+    /// Whether opening cleared a projection of an earlier layout.
+    cleared: bool,
 }
 
 impl std::fmt::Debug for ChartProjection {
@@ -156,10 +203,40 @@ impl ChartProjection {
             path: path.to_path_buf(),
             source,
         })?;
-        Ok(ChartProjection {
+        let mut projection = ChartProjection {
             db,
             path: path.to_path_buf(),
-        })
+            cleared: false,
+        };
+        projection.cleared = projection.settle_layout()?;
+        Ok(projection)
+    }
+
+    /// Returns whether opening found a projection of an earlier key layout and cleared it, so
+    /// that it is rebuilt from the log.
+    pub fn cleared_for_rebuild(&self) -> bool {
+        self.cleared
+    }
+
+    /// Returns whether the projection was written in another key layout than this code's; it
+    /// is then empty, having been cleared to be rebuilt from the log.
+    fn settle_layout(&self) -> Result<bool, ProjectionError> {
+        let stored = self.db.get(LAYOUT_KEY).map_err(self.storage())?;
+        if stored.as_deref() == Some(LAYOUT.to_be_bytes().as_slice()) {
+            return Ok(false);
+        }
+        let mut iterator = self.db.raw_iterator();
+        iterator.seek_to_first();
+        let empty = iterator.key().is_none();
+        iterator.status().map_err(self.storage())?;
+        let mut batch = rocksdb::WriteBatch::default();
+        if !empty {
+            // Every key begins with a printable byte, so this range contains them all.
+            batch.delete_range(&[0u8][..], &[0xffu8; 8][..]);
+        }
+        batch.put(LAYOUT_KEY, LAYOUT.to_be_bytes());
+        self.db.write(batch).map_err(self.storage())?;
+        Ok(!empty)
     }
 
     /// Reads the next log position of the projection at `path` without opening it for
@@ -168,7 +245,10 @@ impl ChartProjection {
     /// # Errors
     ///
     /// [`ProjectionError`] when it cannot be opened or read.
-    pub fn read_position(path: &Path) -> Result<Option<u64>, ProjectionError> {
+    pub fn read_position(
+        path: &Path,
+        partitions: u32,
+    ) -> Result<Option<Vec<u64>>, ProjectionError> {
         // RocksDB creates the directory of a database it fails to open, even read-only.
         if !path.join("CURRENT").exists() {
             return Ok(None);
@@ -181,8 +261,17 @@ impl ChartProjection {
         let projection = ChartProjection {
             db,
             path: path.to_path_buf(),
+            cleared: false,
         };
-        projection.position().map(Some)
+        let layout = projection
+            .db
+            .get(LAYOUT_KEY)
+            .map_err(projection.storage())?;
+        if layout.as_deref() != Some(LAYOUT.to_be_bytes().as_slice()) {
+            // Opening it for writing clears it, to be rebuilt from the log.
+            return Ok(Some(vec![0; partitions as usize]));
+        }
+        projection.positions(partitions).map(Some)
     }
 
     fn storage(&self) -> impl Fn(rocksdb::Error) -> ProjectionError + '_ {
@@ -192,13 +281,27 @@ impl ChartProjection {
         }
     }
 
-    /// Returns the next log position this projection needs.
+    /// Returns the next offset this projection needs in each of `partitions` partitions.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when a position cannot be read.
+    pub fn positions(&self, partitions: u32) -> Result<Vec<u64>, ProjectionError> {
+        (0..partitions.max(1))
+            .map(|partition| self.position(partition))
+            .collect()
+    }
+
+    /// Returns the next offset this projection needs in `partition`.
     ///
     /// # Errors
     ///
     /// [`ProjectionError`] when the position cannot be read.
-    pub fn position(&self) -> Result<u64, ProjectionError> {
-        let stored = self.db.get(POSITION_KEY).map_err(self.storage())?;
+    pub fn position(&self, partition: u32) -> Result<u64, ProjectionError> {
+        let stored = self
+            .db
+            .get(position_key(partition))
+            .map_err(self.storage())?;
         match stored {
             None => Ok(0),
             Some(bytes) => {
@@ -219,13 +322,13 @@ impl ChartProjection {
     /// [`ProjectionError::Gap`] when the first new event is not at the stored position, and
     /// [`ProjectionError::Storage`] when the write fails (nothing is applied then).
     pub fn apply(&self, events: &[ProjectedEvent<'_>]) -> Result<(), ProjectionError> {
-        self.apply_until(events, true, None)
+        self.apply_until(0, events, true, None)
     }
 
-    /// Applies events and moves the position past them, or to `resume` when that is further,
-    /// in one atomic write. With `dense`, positions must follow each other without holes, as
-    /// on the embedded log; without it they need only increase, as on Kafka, where transaction
-    /// markers take offsets of their own.
+    /// Applies events of one partition and moves its position past them, or to `resume` when
+    /// that is further, in one atomic write. With `dense`, offsets must follow each other
+    /// without holes, as on the embedded log; without it they need only increase, as on Kafka,
+    /// where transaction markers take offsets of their own.
     ///
     /// # Errors
     ///
@@ -233,11 +336,12 @@ impl ChartProjection {
     /// [`ProjectionError::Storage`] when the write fails (nothing is applied then).
     pub fn apply_until(
         &self,
+        partition: u32,
         events: &[ProjectedEvent<'_>],
         dense: bool,
         resume: Option<u64>,
     ) -> Result<(), ProjectionError> {
-        let stored = self.position()?;
+        let stored = self.position(partition)?;
         let mut expected = stored;
         let mut batch = rocksdb::WriteBatch::default();
         for event in events {
@@ -250,18 +354,18 @@ impl ChartProjection {
                     received: event.position,
                 });
             }
-            self.stage(&mut batch, event);
+            self.stage(&mut batch, partition, event);
             expected = event.position + 1;
         }
         let next = resume.map_or(expected, |resume| resume.max(expected));
         if next == stored && batch.is_empty() {
             return Ok(());
         }
-        batch.put(POSITION_KEY, next.to_be_bytes());
+        batch.put(position_key(partition), next.to_be_bytes());
         self.db.write(batch).map_err(self.storage())
     }
 
-    fn stage(&self, batch: &mut rocksdb::WriteBatch, event: &ProjectedEvent<'_>) {
+    fn stage(&self, batch: &mut rocksdb::WriteBatch, partition: u32, event: &ProjectedEvent<'_>) {
         let header = event.header;
         let chart_id = header.chart_id;
         let (resource_type, resource_id, version, deleted) = match event.payload {
@@ -300,6 +404,7 @@ impl ChartProjection {
             version,
             deleted,
             seq: header.seq.0,
+            partition,
             position: event.position,
             recorded_at: header.recorded_at,
             envelope: event.envelope.to_vec(),
@@ -323,6 +428,8 @@ impl ChartProjection {
         batch.put(chart_history, &version_ref);
 
         let mut type_history = type_prefix(resource_type);
+        type_history.extend_from_slice(&timestamp_key(header.recorded_at));
+        type_history.extend_from_slice(&partition.to_be_bytes());
         type_history.extend_from_slice(&event.position.to_be_bytes());
         let mut id_ref = resource_id.as_bytes().to_vec();
         id_ref.push(0);
@@ -432,7 +539,7 @@ impl ChartProjection {
         limit: usize,
     ) -> Result<(Entries, bool), ProjectionError> {
         let mut upper = prefix.to_vec();
-        upper.extend_from_slice(&[0xff; 9]);
+        upper.extend_from_slice(&[0xff; 32]);
         self.scan_reverse_from(prefix, &upper, skip, limit)
     }
 
@@ -759,7 +866,7 @@ mod tests {
         let members = projection.chart_members(chart, None).unwrap();
         assert_eq!(members, vec![("Patient".to_owned(), "pat-1".to_owned())]);
         assert_eq!(projection.patient_chart("pat-1").unwrap(), Some(chart));
-        assert_eq!(projection.position().unwrap(), 5);
+        assert_eq!(projection.position(0).unwrap(), 5);
     }
 
     #[test]
@@ -777,7 +884,7 @@ mod tests {
             "redelivery changed the state"
         );
         apply_all(&projection, &events, 0);
-        assert_eq!(projection.position().unwrap(), 5);
+        assert_eq!(projection.position(0).unwrap(), 5);
     }
 
     #[test]
@@ -805,7 +912,7 @@ mod tests {
             "{error}"
         );
         assert_eq!(
-            projection.position().unwrap(),
+            projection.position(0).unwrap(),
             0,
             "a rejected batch must not move the position"
         );
@@ -825,6 +932,81 @@ mod tests {
         let reopened = ChartProjection::open(two.path()).unwrap();
         apply_all(&reopened, &events[2..], 2);
         assert_eq!(whole.dump().unwrap(), reopened.dump().unwrap());
+    }
+
+    #[test]
+    fn partitions_keep_their_own_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        let (first, second) = (ChartId::random(), ChartId::random());
+        let early = sample_events(first);
+        // The second chart's events were recorded after the first chart's, in another
+        // partition, at lower offsets.
+        let mut late = sample_events(second);
+        for (header, payload) in &mut late {
+            header.recorded_at.wall_micros += 100;
+            match payload {
+                EventPayload::ResourceRecorded(recorded) => recorded.resource_id.push_str("-b"),
+                EventPayload::ResourceRetracted(retracted) => retracted.resource_id.push_str("-b"),
+                EventPayload::ChartOpened(opened) => opened.patient_id.push_str("-b"),
+                EventPayload::ChartAccessed(_) => {}
+            }
+        }
+        fn project(events: &[(EventHeader, EventPayload)]) -> Vec<ProjectedEvent<'_>> {
+            events
+                .iter()
+                .enumerate()
+                .map(|(index, (header, payload))| ProjectedEvent {
+                    position: index as u64 * 2,
+                    header,
+                    payload,
+                    envelope: b"sealed",
+                })
+                .collect()
+        }
+        projection
+            .apply_until(1, &project(&late), false, None)
+            .unwrap();
+        projection
+            .apply_until(0, &project(&early), false, None)
+            .unwrap();
+        assert_eq!(projection.positions(2).unwrap(), vec![9, 9]);
+        let (types, _) = projection.type_history("Observation", 0, 10).unwrap();
+        let charts: Vec<ChartId> = types.iter().map(|record| record.chart_id).collect();
+        assert_eq!(
+            charts,
+            vec![second, second, second, first, first, first],
+            "the type history must be newest first across partitions"
+        );
+        assert_eq!(types[0].partition, 1);
+    }
+
+    #[test]
+    fn earlier_layout_is_cleared_for_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let projection = ChartProjection::open(dir.path()).unwrap();
+            apply_all(&projection, &sample_events(ChartId::random()), 0);
+            // What a projection of the earlier layout looks like: no layout key.
+            projection.db.delete(LAYOUT_KEY).unwrap();
+        }
+        let reopened = ChartProjection::open(dir.path()).unwrap();
+        assert_eq!(reopened.position(0).unwrap(), 0);
+        assert!(reopened.current("Observation", "obs-1").unwrap().is_none());
+        let layout = reopened.db.get(LAYOUT_KEY).unwrap();
+        assert_eq!(layout.as_deref(), Some(LAYOUT.to_be_bytes().as_slice()));
+        drop(reopened);
+        // A projection of this layout is kept as it is.
+        let kept = ChartProjection::open(dir.path()).unwrap();
+        apply_all(&kept, &sample_events(ChartId::random()), 0);
+        drop(kept);
+        assert_eq!(
+            ChartProjection::open(dir.path())
+                .unwrap()
+                .position(0)
+                .unwrap(),
+            5
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `chartlog-replay`: the compliance officer's command line. `verify` proves offline that the
 //! log was not altered; `rebuild` throws a projection away and rebuilds it from the log.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use chartlog::log::key_topic::KeyTopic;
 use chartlog::log::{EmbeddedLog, EventLog, KafkaConfig, KafkaLog, LogPosition};
 use chartlog::node::NodeConfig;
 use chartlog::verify::{verify_log, HeadCheck, VerifyReport};
-use chartlog_schemas::HlcTimestamp;
+use chartlog_schemas::{Envelope, HlcTimestamp};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -182,7 +183,7 @@ fn read_trusted_signers(path: &Path) -> anyhow::Result<chartlog::crypto::Trusted
 
 fn kafka_settings() -> anyhow::Result<KafkaConfig> {
     KafkaConfig::from_env(None)?.context(
-        "set CHARTLOG_KAFKA_BOOTSTRAP_SERVERS (and CHARTLOG_KAFKA_TOPIC) to name the Kafka log",
+        "set CHARTLOG_KAFKA_BOOTSTRAP_SERVERS (and CHARTLOG_KAFKA_TOPIC and CHARTLOG_KAFKA_PARTITIONS) to name the Kafka log",
     )
 }
 
@@ -215,14 +216,16 @@ fn verify(
             // projection found ahead of the log means the log lost entries.
             let applied = chartlog_projections::ChartProjection::read_position(
                 &config.chart_projection_dir(),
+                1,
             )
-            .context("cannot read the chart projection's position")?;
+            .context("cannot read the chart projection's position")?
+            .map(|positions| positions[0]);
             let log = EmbeddedLog::open_read_only(&config.log_dir())
                 .with_context(|| format!("cannot open the log of {}", data.display()))?;
             let heads = log.chart_heads().context("cannot read the chart heads")?;
             let report =
                 verify_log(&log, &keys, HeadCheck::AtEnd(&heads)).context("cannot read the log")?;
-            let end = log.end_position().borrow().0;
+            let end = log.end_position().borrow().get(0);
             if let Some(applied) = applied.filter(|applied| *applied > end) {
                 failures.push(format!(
                     "the chart projection has applied {applied} log entries but the log holds {end}: entries were lost from the end of the log"
@@ -355,18 +358,22 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
         }
         other => anyhow::bail!("unknown direction {other}; expected to-kafka or from-kafka"),
     };
-    if !target.read_from(LogPosition(0), 1)?.is_empty() {
-        anyhow::bail!("the target log is not empty; copy only into an empty log");
+    for partition in 0..target.partitions() {
+        if !target
+            .read_from(LogPosition::new(partition, 0), 1)?
+            .is_empty()
+        {
+            anyhow::bail!("the target log is not empty; copy only into an empty log");
+        }
     }
-    let mut from = LogPosition(0);
+    let mut merged = MergedReader::new(source.as_ref());
     let mut copied = 0usize;
     loop {
-        let entries = source.read_from(from, COPY_BATCH)?;
-        let Some((last, _)) = entries.last() else {
+        let envelopes = merged.next_batch(COPY_BATCH)?;
+        if envelopes.is_empty() {
             break;
-        };
-        from = LogPosition(last.0 + 1);
-        let envelopes: Vec<_> = entries.into_iter().map(|(_, envelope)| envelope).collect();
+        }
+        // The target places each envelope in its chart's partition.
         target
             .append_batch(&envelopes)
             .context("cannot append to the target log")?;
@@ -379,6 +386,60 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
         started.elapsed().as_millis()
     );
     Ok(true)
+}
+
+/// Reads every partition of a log as one sequence, in the order the events were recorded:
+/// by timestamp, which one writer issues in increasing order across the whole log. A log
+/// copied from one partition into several and back is then the same, byte for byte.
+struct MergedReader<'a> {
+    log: &'a dyn EventLog,
+    /// Per partition: entries read and not yet given, each with its timestamp, and the next
+    /// position to read.
+    buffers: Vec<(VecDeque<(HlcTimestamp, Envelope)>, LogPosition)>,
+}
+
+impl<'a> MergedReader<'a> {
+    fn new(log: &'a dyn EventLog) -> MergedReader<'a> {
+        let buffers = (0..log.partitions())
+            .map(|partition| (VecDeque::new(), LogPosition::new(partition, 0)))
+            .collect();
+        MergedReader { log, buffers }
+    }
+
+    /// Returns up to `max` envelopes, the earliest first; none once every partition is read.
+    fn next_batch(&mut self, max: usize) -> anyhow::Result<Vec<Envelope>> {
+        let mut batch = Vec::with_capacity(max);
+        while batch.len() < max {
+            let mut earliest: Option<(usize, HlcTimestamp)> = None;
+            for index in 0..self.buffers.len() {
+                let (buffer, next) = &mut self.buffers[index];
+                if buffer.is_empty() {
+                    for (position, envelope) in self.log.read_from(*next, COPY_BATCH)? {
+                        *next = position.next();
+                        // Bytes that are not an envelope sort first; verify reports them.
+                        let recorded_at = chartlog_schemas::envelope::parse(&envelope.0)
+                            .map(|parsed| parsed.header.recorded_at)
+                            .unwrap_or_default();
+                        buffer.push_back((recorded_at, envelope));
+                    }
+                }
+                if let Some((recorded_at, _)) = buffer.front() {
+                    if earliest.is_none_or(|(_, earliest)| *recorded_at < earliest) {
+                        earliest = Some((index, *recorded_at));
+                    }
+                }
+            }
+            let Some((index, _)) = earliest else {
+                break;
+            };
+            let (_, envelope) = self.buffers[index]
+                .0
+                .pop_front()
+                .expect("the earliest buffer holds an entry");
+            batch.push(envelope);
+        }
+        Ok(batch)
+    }
 }
 
 fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Result<bool> {
@@ -424,10 +485,14 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
     }
     let projection = chartlog_projections::ChartProjection::open(&projection_dir)
         .context("cannot create the chart projection; is the server still running?")?;
-    while chartlog::projector::apply_next(log.as_ref(), &keys, &projection)?.is_some() {}
+    for partition in 0..log.partitions() {
+        while chartlog::projector::apply_next(log.as_ref(), &keys, &projection, partition)?
+            .is_some()
+        {}
+    }
+    let applied: u64 = projection.positions(log.partitions())?.iter().sum();
     println!(
-        "rebuilt chart projection: {} log entries in {} ms",
-        projection.position()?,
+        "rebuilt chart projection: {applied} log entries in {} ms",
         started.elapsed().as_millis()
     );
     Ok(true)

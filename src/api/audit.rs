@@ -15,6 +15,7 @@ use super::{ApiError, AppState, Caller};
 use crate::auth::Action;
 use crate::command::state::format_instant;
 use crate::command::{Command, Operation};
+use crate::log::partition_of;
 
 /// The paging parameter that limits every page of the trail to the entries before the log
 /// position of its first page.
@@ -113,8 +114,10 @@ pub async fn access_log(
         .ok_or_else(|| ApiError::not_found("Patient", patient_id))?;
     // Reads do not wait for their own access events to be projected, so the trail first
     // catches up with everything on the log.
-    let log_end = *state.log.end_position().borrow();
-    state.wait_for_projection(log_end).await?;
+    let log_end = state.log.end_position().borrow().clone();
+    state.wait_for_projection(&log_end).await?;
+    // A chart's accesses are all in its partition, so its offsets order them.
+    let partition_end = log_end.get(partition_of(chart, state.log.partitions()));
     let page = page_from(pairs, None)?;
     // Every reading of the trail appends an access to it. Without a fixed bound, each page
     // would therefore repeat the last entry of the page before, so every page link carries
@@ -128,8 +131,8 @@ pub async fn access_log(
             )
         })?,
         None => {
-            link_pairs.push((BEFORE_POSITION.to_owned(), log_end.0.to_string()));
-            log_end.0
+            link_pairs.push((BEFORE_POSITION.to_owned(), partition_end.to_string()));
+            partition_end
         }
     };
     let (accesses, more) = state

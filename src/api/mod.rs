@@ -29,7 +29,7 @@ use crate::auth::{Action, Authenticator, Principal};
 use crate::crypto::KeyStore;
 use crate::journal::AccessJournal;
 use crate::log::ownership::Role;
-use crate::log::{EventLog, LogPosition};
+use crate::log::{EventLog, Frontier};
 use crate::node::Node;
 use crate::projector::ProjectorStatus;
 use crate::writer::Writer;
@@ -53,9 +53,13 @@ const PROJECTOR_STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// Returns the projection's lag behind the log's end, or `None` when the end was not
 /// confirmed lately, so that a node that cannot reach the log does not report a lag of 0.
-fn projection_lag(log_end: u64, end_age: Option<Duration>, applied: u64) -> Option<u64> {
+fn projection_lag(
+    log_end: &Frontier,
+    end_age: Option<Duration>,
+    applied: &Frontier,
+) -> Option<u64> {
     let current = end_age.is_some_and(|age| age <= END_CURRENT_FOR);
-    current.then(|| log_end.saturating_sub(applied))
+    current.then(|| log_end.beyond(applied))
 }
 
 /// Returns whether the projector has been retrying one failure for longer than a short outage.
@@ -108,12 +112,12 @@ impl AppState {
         }
     }
 
-    /// Waits until the chart projection includes every entry before `position`.
-    async fn wait_for_projection(&self, position: LogPosition) -> Result<(), ApiError> {
+    /// Waits until the chart projection includes every entry before `end` in each partition.
+    async fn wait_for_projection(&self, end: &Frontier) -> Result<(), ApiError> {
         let mut status = self.projector.clone();
         let waited = tokio::time::timeout(
             READ_YOUR_WRITES_TIMEOUT,
-            status.wait_for(|status| status.applied >= position.0 || status.halted.is_some()),
+            status.wait_for(|status| status.applied.covers(end) || status.halted.is_some()),
         )
         .await;
         match waited {
@@ -422,9 +426,9 @@ async fn health(
     use axum::response::IntoResponse;
 
     let status = state.projector.borrow().clone();
-    let log_end = *state.log.end_position().borrow();
+    let log_end = state.log.end_position().borrow().clone();
     let end_age = state.log.end_age();
-    let lag = projection_lag(log_end.0, end_age, status.applied);
+    let lag = projection_lag(&log_end, end_age, &status.applied);
     let end_age_ms = end_age.map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
     let stuck = projector_stuck(&status);
     let role = state.role.as_ref().map(|role| role.borrow().clone());
@@ -466,10 +470,17 @@ async fn health(
     }
     let body = serde_json::json!({
         "status": node_state,
-        "log": {"backend": state.log.backend_name(), "end_position": log_end.0, "accepting_writes": accepting, "ownership": ownership},
+        "log": {
+            "backend": state.log.backend_name(),
+            "end_position": log_end.total(),
+            "partition_ends": log_end.offsets(),
+            "accepting_writes": accepting,
+            "ownership": ownership,
+        },
         "access_journal": {"pending": journaled, "quarantined": *state.access_journal.quarantined().borrow()},
         "projections": {"chart": {
-            "applied_position": status.applied,
+            "applied_position": status.applied.total(),
+            "applied_positions": status.applied.offsets(),
             "lag_events": lag,
             "end_age_ms": end_age_ms,
             "halted": status.halted.is_some(),
@@ -493,7 +504,7 @@ async fn metrics(
     use axum::response::IntoResponse;
 
     let status = state.projector.borrow().clone();
-    let log_end = state.log.end_position().borrow().0;
+    let log_end = state.log.end_position().borrow().clone();
     let mut body = String::new();
     let mut metric = |kind: &str, name: &str, help: &str, labels: &str, value: u64| {
         let _ = writeln!(body, "# HELP {name} {help}");
@@ -503,18 +514,25 @@ async fn metrics(
     metric(
         "gauge",
         "chartlog_log_end_position",
-        "Position one past the last entry of the log.",
+        "Positions one past the last entry of each partition of the log, summed.",
         "",
-        log_end,
+        log_end.total(),
+    );
+    metric(
+        "gauge",
+        "chartlog_log_partitions",
+        "Partitions of the log.",
+        "",
+        u64::from(state.log.partitions()),
     );
     metric(
         "gauge",
         "chartlog_projection_applied_position",
-        "Next log position the projection will apply.",
+        "Next position the projection will apply in each partition, summed.",
         "{projection=\"chart\"}",
-        status.applied,
+        status.applied.total(),
     );
-    let lag = projection_lag(log_end, state.log.end_age(), status.applied);
+    let lag = projection_lag(&log_end, state.log.end_age(), &status.applied);
     metric(
         "gauge",
         "chartlog_projection_lag_known",

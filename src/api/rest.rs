@@ -487,7 +487,7 @@ async fn write_response(
 /// Submits a command and waits until the projection shows its effect.
 pub async fn submit_and_wait(state: &AppState, command: Command) -> Result<WriteOutcome, ApiError> {
     let outcome = state.writer.submit(command).await?;
-    state.wait_for_projection(outcome.end_position).await?;
+    state.wait_for_projection(&outcome.end_position).await?;
     Ok(outcome)
 }
 
@@ -1005,7 +1005,7 @@ async fn run_search(
             matched.sort_by(|left, right| left.0.cmp(&right.0));
         } else {
             // Without _sort, newest first, so paging is stable while nothing is written.
-            matched.sort_by_key(|entry| std::cmp::Reverse(entry.1.position));
+            matched.sort_by_key(|entry| std::cmp::Reverse(entry.1.log_order()));
         }
         Ok(matched
             .into_iter()
@@ -1241,7 +1241,7 @@ async fn everything(
         }
     }
     // The Patient first, then everything else in log order.
-    records.sort_by_key(|record| (record.resource_type != "Patient", record.position));
+    records.sort_by_key(|record| (record.resource_type != "Patient", record.log_order()));
     let page = page_from(pairs, None)?;
     let page = Page {
         count: if pairs.iter().any(|(name, _)| name == "_count") {

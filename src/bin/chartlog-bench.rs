@@ -384,9 +384,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     // writes alone (on Kafka, offsets count transaction markers too).
     let sample = {
         let log = node.log.clone();
-        let middle = node.log.end_position().borrow().0 / 2;
-        tokio::task::spawn_blocking(move || log.read_from(chartlog::log::LogPosition(middle), 64))
-            .await??
+        let middle = node.log.end_position().borrow().get(0) / 2;
+        tokio::task::spawn_blocking(move || {
+            log.read_from(chartlog::log::LogPosition::new(0, middle), 64)
+        })
+        .await??
     };
     // The median, so that an odd entry among them (a chart's first event) does not count.
     let mut sizes: Vec<usize> = sample

@@ -69,7 +69,7 @@ impl AccessTopic {
     pub async fn open(config: &KafkaConfig, create: bool) -> Result<AccessTopic, KafkaOpenError> {
         let name = access_topic_name(&config.topic);
         if create {
-            ensure_topic(config, &name, "delete").await?;
+            ensure_topic(config, &name, 1, "delete").await?;
         }
         Ok(AccessTopic {
             name,
@@ -90,7 +90,7 @@ impl AccessTopic {
     ///
     /// [`KafkaOpenError`] when the topic cannot be created or would lose records.
     pub async fn ensure(&self) -> Result<bool, KafkaOpenError> {
-        ensure_topic(&self.config, &self.name, "delete").await
+        ensure_topic(&self.config, &self.name, 1, "delete").await
     }
 
     fn producer(&self) -> Result<FutureProducer, KafkaError> {

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use chartlog_schemas::{ChartId, Envelope, EventSeq};
 use tokio::sync::watch;
 
-use super::{AppendError, EventLog, LogPosition, ReadError, RecordedHead};
+use super::{AppendError, EventLog, Frontier, LogPosition, ReadError, RecordedHead};
 
 /// Error from opening the embedded log.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +32,14 @@ pub enum OpenError {
 /// The RocksDB-backed log.
 pub struct EmbeddedLog {
     db: rocksdb::DB,
-    next: Mutex<LogPosition>,
-    end: watch::Sender<LogPosition>,
+    /// Offset of the next entry; the log has one partition.
+    next: Mutex<u64>,
+    end: watch::Sender<Frontier>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EmbeddedLog(end {})", *self.end.borrow())
+        write!(f, "EmbeddedLog(end {})", self.len())
     }
 }
 
@@ -49,11 +50,12 @@ const DEFAULT_FAMILY: &str = "default";
 /// can tell a chart whose last entries were removed from one that simply ended there.
 const HEADS_FAMILY: &str = "heads";
 
-fn position_key(position: LogPosition) -> [u8; 8] {
-    position.0.to_be_bytes()
+fn position_key(offset: u64) -> [u8; 8] {
+    offset.to_be_bytes()
 }
 
-fn last_position(db: &rocksdb::DB, path: &Path) -> Result<LogPosition, OpenError> {
+/// Returns the offset one past the last entry.
+fn last_position(db: &rocksdb::DB, path: &Path) -> Result<u64, OpenError> {
     let mut iterator = db.raw_iterator();
     iterator.seek_to_last();
     match iterator.key() {
@@ -62,13 +64,13 @@ fn last_position(db: &rocksdb::DB, path: &Path) -> Result<LogPosition, OpenError
                 path: path.to_path_buf(),
                 reason: error.into_string(),
             })?;
-            Ok(LogPosition(0))
+            Ok(0)
         }
         Some(key) => {
             let bytes: [u8; 8] = key
                 .try_into()
                 .map_err(|_| OpenError::Corrupt(path.to_path_buf()))?;
-            Ok(LogPosition(u64::from_be_bytes(bytes) + 1))
+            Ok(u64::from_be_bytes(bytes) + 1)
         }
     }
 }
@@ -133,7 +135,7 @@ impl EmbeddedLog {
 
     fn from_db(db: rocksdb::DB, path: &Path) -> Result<EmbeddedLog, OpenError> {
         let next = last_position(&db, path)?;
-        let (end, _) = watch::channel(next);
+        let (end, _) = watch::channel(Frontier::from_offsets(vec![next]));
         Ok(EmbeddedLog {
             db,
             next: Mutex::new(next),
@@ -143,7 +145,7 @@ impl EmbeddedLog {
 
     /// Returns the position one past the last entry.
     pub fn len(&self) -> u64 {
-        self.end.borrow().0
+        self.end.borrow().get(0)
     }
 
     /// Returns each chart's head as recorded with the appends: sequence number and digest of
@@ -154,7 +156,7 @@ impl EmbeddedLog {
     /// [`ReadError`] when the heads cannot be read or one is malformed.
     pub fn chart_heads(&self) -> Result<Vec<(ChartId, EventSeq, [u8; 32])>, ReadError> {
         let failure = |source: Box<dyn std::error::Error + Send + Sync>| ReadError {
-            position: LogPosition(0),
+            position: LogPosition::default(),
             source,
         };
         let heads = self
@@ -204,8 +206,8 @@ impl EventLog for EmbeddedLog {
             .cf_handle(HEADS_FAMILY)
             .expect("heads column family is opened with the log");
         for (index, envelope) in envelopes.iter().enumerate() {
-            let position = LogPosition(next.0 + index as u64);
-            batch.put(position_key(position), &envelope.0);
+            let position = LogPosition::new(0, *next + index as u64);
+            batch.put(position_key(position.offset), &envelope.0);
             positions.push(position);
             // Entries that do not parse are stored as given; the verifier reports them.
             if let Ok(parsed) = chartlog_schemas::envelope::parse(&envelope.0) {
@@ -220,8 +222,8 @@ impl EventLog for EmbeddedLog {
         self.db
             .write_opt(batch, &options)
             .map_err(|error| AppendError::Storage(error.into()))?;
-        *next = LogPosition(next.0 + envelopes.len() as u64);
-        self.end.send_replace(*next);
+        *next += envelopes.len() as u64;
+        self.end.send_replace(Frontier::from_offsets(vec![*next]));
         Ok(positions)
     }
 
@@ -231,8 +233,14 @@ impl EventLog for EmbeddedLog {
         max: usize,
     ) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
         let mut entries = Vec::new();
+        if from.partition != 0 {
+            return Err(ReadError {
+                position: from,
+                source: "the embedded log has one partition".into(),
+            });
+        }
         let mut iterator = self.db.raw_iterator();
-        iterator.seek(position_key(from));
+        iterator.seek(position_key(from.offset));
         while entries.len() < max {
             let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
                 break;
@@ -242,15 +250,13 @@ impl EventLog for EmbeddedLog {
                 source: "log key is not an 8-byte position".into(),
             })?;
             entries.push((
-                LogPosition(u64::from_be_bytes(bytes)),
+                LogPosition::new(0, u64::from_be_bytes(bytes)),
                 Envelope(value.to_vec()),
             ));
             iterator.next();
         }
         // A damaged block stops the iterator: name the first position it did not give.
-        let reached = entries
-            .last()
-            .map_or(from, |(position, _)| LogPosition(position.0 + 1));
+        let reached = entries.last().map_or(from, |(position, _)| position.next());
         iterator.status().map_err(|error| ReadError {
             position: reached,
             source: error.into(),
@@ -258,7 +264,7 @@ impl EventLog for EmbeddedLog {
         Ok(entries)
     }
 
-    fn end_position(&self) -> watch::Receiver<LogPosition> {
+    fn end_position(&self) -> watch::Receiver<Frontier> {
         self.end.subscribe()
     }
 }
@@ -277,12 +283,12 @@ mod tests {
         let log = EmbeddedLog::open(dir.path(), true).unwrap();
         let first = log.append_batch(&[envelope(1), envelope(2)]).unwrap();
         let second = log.append_batch(&[envelope(3)]).unwrap();
-        assert_eq!(first, vec![LogPosition(0), LogPosition(1)]);
-        assert_eq!(second, vec![LogPosition(2)]);
-        let entries = log.read_from(LogPosition(1), 10).unwrap();
+        assert_eq!(first, vec![LogPosition::new(0, 0), LogPosition::new(0, 1)]);
+        assert_eq!(second, vec![LogPosition::new(0, 2)]);
+        let entries = log.read_from(LogPosition::new(0, 1), 10).unwrap();
         let bytes: Vec<u8> = entries.iter().map(|(_, envelope)| envelope.0[0]).collect();
         assert_eq!(bytes, vec![2, 3]);
-        assert_eq!(*log.end_position().borrow(), LogPosition(3));
+        assert_eq!(log.end_position().borrow().offsets(), &[3]);
     }
 
     #[test]
@@ -296,7 +302,7 @@ mod tests {
         assert_eq!(log.len(), 2);
         assert_eq!(
             log.append_batch(&[envelope(3)]).unwrap(),
-            vec![LogPosition(2)]
+            vec![LogPosition::new(0, 2)]
         );
     }
 
@@ -314,6 +320,9 @@ mod tests {
         let writer = EmbeddedLog::open(dir.path(), true).unwrap();
         writer.append_batch(&[envelope(5)]).unwrap();
         let reader = EmbeddedLog::open_read_only(dir.path()).unwrap();
-        assert_eq!(reader.read_from(LogPosition(0), 10).unwrap().len(), 1);
+        assert_eq!(
+            reader.read_from(LogPosition::default(), 10).unwrap().len(),
+            1
+        );
     }
 }

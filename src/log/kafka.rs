@@ -1,15 +1,19 @@
 //! The Kafka log: envelopes as records of one topic, byte for byte the bytes the embedded log
 //! stores, so a deployment can move between the two by replaying.
 //!
-//! Appends are Kafka transactions of an idempotent producer with `acks=all`. The producer's
-//! `transactional.id` is derived from the topic and partition, so a node that takes the
-//! partition over fences the previous writer at the broker: the previous writer's next commit
-//! fails instead of interleaving with the new one's. Which node writes is decided by a
-//! consumer group (see [`super::ownership`]); a node appends only between taking the partition
-//! over and losing it. Reads use `read_committed`, so aborted appends are never seen.
+//! The topic has one or more partitions; each chart's events go to [`super::partition_of`] its
+//! id, so a chart's events keep their order. Appends are Kafka transactions of an idempotent
+//! producer with `acks=all`, and one transaction may span partitions. The producer's
+//! `transactional.id` is derived from the topic and partition 0, so a node that takes the log
+//! over fences the previous writer at the broker: the previous writer's next commit fails
+//! instead of interleaving with the new one's. Which node writes is decided by a consumer group
+//! (see [`super::ownership`]): the member assigned partition 0 writes every partition. A node
+//! appends only between taking the log over and losing it. Reads use `read_committed`, so
+//! aborted appends are never seen.
 //!
-//! NOTE: the topic has one partition, so one node writes every chart. Charts spread over many
-//! partitions, each owned by a different node, are not built yet.
+//! NOTE: one node writes every partition. Partitions written by different nodes, each
+//! holding its own charts, are not built yet: they need a transaction to stay within one
+//! partition and references across partitions to be checked against the projection.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,12 +34,13 @@ use tokio::sync::watch;
 use super::access_topic::access_topic_name;
 use super::head_topic::{encode_head, head_topic_name, read_heads, HEAD_PARTITION};
 use super::key_topic::{key_topic_name, KeyTopic, KEY_PARTITION};
-use super::{AppendError, EventLog, LogPosition, ReadError, RecordedHead};
+use super::{partition_of, AppendError, EventLog, Frontier, LogPosition, ReadError, RecordedHead};
 use crate::crypto::KeyStore;
 use chartlog_schemas::KeyId;
 
-/// The partition every chart's events go to.
-const PARTITION: i32 = 0;
+/// The partition whose holder in the owner group writes the log, and from which the
+/// producer's transactional id is derived.
+const LEASE_PARTITION: i32 = 0;
 
 /// How long one append may take before it fails and the writer returns 503: long enough for
 /// a leader election among three brokers, short enough that a client is not kept waiting.
@@ -68,6 +73,11 @@ pub struct KafkaConfig {
     /// Topic of the chart events.
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// Partitions of the event topic. A topic created at start-up gets this many, and an
+    /// existing topic must have exactly this many, since a chart's partition follows from its
+    /// id and the count.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
     /// Replication factor of a topic created at start-up.
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
@@ -88,15 +98,20 @@ fn default_replication() -> i32 {
     1
 }
 
+fn default_partitions() -> u32 {
+    1
+}
+
 impl KafkaConfig {
     /// Builds the settings from `CHARTLOG_KAFKA_*` environment variables: the bootstrap
-    /// servers, topic and replication settings by name, and every other variable as a client
-    /// property (`CHARTLOG_KAFKA_SSL_CA_LOCATION` becomes `ssl.ca.location`), except the
-    /// variables of `compose/kafka.sh`. Returns `None` when no bootstrap servers are given.
+    /// servers, topic, partition count and replication settings by name, and every other
+    /// variable as a client property (`CHARTLOG_KAFKA_SSL_CA_LOCATION` becomes
+    /// `ssl.ca.location`), except the variables of `compose/kafka.sh`. Returns `None` when no bootstrap servers are given.
     ///
     /// # Errors
     ///
-    /// [`KafkaSettingError`] when a replication setting is not a positive whole number.
+    /// [`KafkaSettingError`] when the partition count or a replication setting is not a
+    /// positive whole number.
     pub fn from_env(base: Option<KafkaConfig>) -> Result<Option<KafkaConfig>, KafkaSettingError> {
         let mut config = base;
         for (name, value) in std::env::vars() {
@@ -110,6 +125,7 @@ impl KafkaConfig {
                         config = Some(KafkaConfig {
                             bootstrap_servers: value,
                             topic: default_topic(),
+                            partitions: default_partitions(),
                             replication_factor: default_replication(),
                             min_insync_replicas: default_replication(),
                             properties: HashMap::new(),
@@ -132,8 +148,11 @@ impl KafkaConfig {
             match key {
                 "BOOTSTRAP_SERVERS" => {}
                 // Settings of compose/kafka.sh, the local broker script, not client properties.
-                "PORT" | "RUN_DIR" | "CACHE_DIR" | "HEAP" | "STOP_TIMEOUT" | "PARTITIONS" => {}
+                "PORT" | "RUN_DIR" | "CACHE_DIR" | "HEAP" | "STOP_TIMEOUT" => {}
                 "TOPIC" => config.topic = value,
+                "PARTITIONS" => {
+                    config.partitions = count("CHARTLOG_KAFKA_PARTITIONS", &value)? as u32;
+                }
                 "REPLICATION_FACTOR" => {
                     config.replication_factor = count("CHARTLOG_KAFKA_REPLICATION_FACTOR", &value)?;
                 }
@@ -147,6 +166,12 @@ impl KafkaConfig {
                         .insert(other.to_ascii_lowercase().replace('_', "."), value);
                 }
             }
+        }
+        // A config file can set a count of 0, which no topic has.
+        if config.partitions == 0 {
+            return Err(KafkaSettingError {
+                name: "kafka.partitions",
+            });
         }
         Ok(Some(config))
     }
@@ -181,13 +206,16 @@ pub enum KafkaOpenError {
         #[source]
         source: KafkaError,
     },
-    /// The topic has more than the one partition this log reads and writes.
-    #[error("topic {topic} has {count} partitions; chartlog reads and writes a topic of one partition, so create it with one or name another topic")]
+    /// The topic has another number of partitions than configured. Charts are placed by
+    /// their id and the count, so reading or writing it with another count would lose charts.
+    #[error("topic {topic} has {count} partitions but {configured} are configured; set CHARTLOG_KAFKA_PARTITIONS (or kafka.partitions) to {count}, since partitions added to a topic would move its charts")]
     Partitions {
         /// Topic name.
         topic: String,
         /// Its number of partitions.
         count: usize,
+        /// The configured number.
+        configured: u32,
     },
     /// The topic keeps records for a limited time or compacts them, which would delete
     /// audit records that must be kept for six years or more.
@@ -209,14 +237,16 @@ pub struct KafkaLog {
     config: KafkaConfig,
     runtime: tokio::runtime::Handle,
     producer: Mutex<Option<FutureProducer>>,
-    reader: Mutex<Reader>,
-    end: watch::Sender<LogPosition>,
-    /// When the broker last confirmed `end`, or when this node last committed: the end a
-    /// standby reports is only as current as this.
-    end_confirmed: Mutex<Option<Instant>>,
-    /// Position after this node's last committed record, or the end of the topic when it took
-    /// the partition over.
-    committed_end: Mutex<LogPosition>,
+    /// One reader per partition, so a projector that reads them in turn keeps each one's
+    /// fetch position.
+    readers: Vec<Mutex<Reader>>,
+    end: watch::Sender<Frontier>,
+    /// Per partition, when the broker last confirmed its end in `end`, or when this node last
+    /// committed: the end a standby reports is only as current as the oldest of these.
+    end_confirmed: Mutex<Vec<Option<Instant>>>,
+    /// Each partition's offset after this node's last committed record there, or the end of
+    /// the partition when it took the log over.
+    committed_end: Mutex<Frontier>,
     /// Whether appends are let through: set once a take-over completed, cleared when the
     /// partition is released or a newer writer fenced this node or wrote behind its back.
     owner: AtomicBool,
@@ -345,11 +375,11 @@ impl KafkaLog {
     ///
     /// As [`KafkaLog::open`].
     pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
-        ensure_topic(&config, &config.topic, "delete").await?;
+        ensure_topic(&config, &config.topic, config.partitions, "delete").await?;
         let heads_created =
-            ensure_topic(&config, &head_topic_name(&config.topic), "compact").await?;
+            ensure_topic(&config, &head_topic_name(&config.topic), 1, "compact").await?;
         let log = Self::connect(config, false).await?;
-        if heads_created && log.end.borrow().0 > 0 {
+        if heads_created && log.end.borrow().total() > 0 {
             // Not the first start on this topic: the recorded heads were lost, and events
             // removed from the end of a chart until now cannot be detected any more.
             tracing::error!(topic = %log.config.topic, "the head topic of a log that holds events was missing and was created again; the next take-over records every chart's head from the log as it is");
@@ -374,11 +404,9 @@ impl KafkaLog {
         tokio::task::spawn_blocking(move || {
             let consumer = reader_consumer(&config)?;
             check_partitions(consumer.client(), &config)?;
-            let (_, high) = consumer
-                .fetch_watermarks(&config.topic, PARTITION, APPEND_TIMEOUT)
+            let end_of_topic = partition_ends(&consumer, &config, APPEND_TIMEOUT)
                 .map_err(client_error("reading the end of the topic"))?;
-            let end_of_topic = LogPosition(high.max(0) as u64);
-            let log = Self::assemble(config, runtime, consumer, end_of_topic, read_only);
+            let log = Self::assemble(config, runtime, consumer, end_of_topic, read_only)?;
             log.confirm_end();
             Ok(log)
         })
@@ -389,30 +417,38 @@ impl KafkaLog {
         })?
     }
 
-    /// Builds the log around its reader; `end` is the end of the topic as far as known.
+    /// Builds the log around the reader of partition 0, creating the readers of the other
+    /// partitions; `end_of_topic` is the end of each partition as far as known.
     fn assemble(
         config: KafkaConfig,
         runtime: tokio::runtime::Handle,
         consumer: BaseConsumer<ReaderContext>,
-        end_of_topic: LogPosition,
+        end_of_topic: Frontier,
         read_only: bool,
-    ) -> KafkaLog {
-        let (end, _) = watch::channel(end_of_topic);
-        KafkaLog {
+    ) -> Result<KafkaLog, KafkaOpenError> {
+        let mut readers = vec![Mutex::new(Reader {
+            consumer,
+            cursor: None,
+        })];
+        for _ in 1..config.partitions {
+            readers.push(Mutex::new(Reader {
+                consumer: reader_consumer(&config)?,
+                cursor: None,
+            }));
+        }
+        let (end, _) = watch::channel(end_of_topic.clone());
+        Ok(KafkaLog {
             runtime,
             producer: Mutex::new(None),
-            reader: Mutex::new(Reader {
-                consumer,
-                cursor: None,
-            }),
+            readers,
             committed_end: Mutex::new(end_of_topic),
             owner: AtomicBool::new(false),
             end,
-            end_confirmed: Mutex::new(None),
+            end_confirmed: Mutex::new(vec![None; config.partitions as usize]),
             config,
             read_only,
             keys: None,
-        }
+        })
     }
 
     /// Opens the log of a node that has run on this topic before, while the cluster cannot be
@@ -426,42 +462,49 @@ impl KafkaLog {
     pub fn open_offline(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
         let runtime = tokio::runtime::Handle::current();
         let consumer = reader_consumer(&config)?;
-        Ok(Self::assemble(
-            config,
-            runtime,
-            consumer,
-            LogPosition(0),
-            false,
-        ))
+        let start = Frontier::start(config.partitions);
+        Self::assemble(config, runtime, consumer, start, false)
     }
 
-    /// Records that the end published in `end` was confirmed just now.
+    /// Records that the end of every partition published in `end` was confirmed just now.
     fn confirm_end(&self) {
-        *self
+        let now = Instant::now();
+        for confirmed in self
             .end_confirmed
             .lock()
-            .expect("end confirmation lock is not poisoned") = Some(Instant::now());
+            .expect("end confirmation lock is not poisoned")
+            .iter_mut()
+        {
+            *confirmed = Some(now);
+        }
     }
 
-    /// Fetches the end of the topic with the reader's consumer and publishes it when it moved
-    /// forward. Returns the end, or `None` when the request failed.
-    fn fetch_end(&self, consumer: &BaseConsumer<ReaderContext>) -> Option<u64> {
-        match consumer.fetch_watermarks(&self.config.topic, PARTITION, Duration::from_secs(1)) {
+    /// Records that the end of `partition` published in `end` was confirmed just now.
+    fn confirm_partition_end(&self, partition: u32) {
+        if let Some(confirmed) = self
+            .end_confirmed
+            .lock()
+            .expect("end confirmation lock is not poisoned")
+            .get_mut(partition as usize)
+        {
+            *confirmed = Some(Instant::now());
+        }
+    }
+
+    /// Fetches the end of `partition` with the reader's consumer and publishes it when it
+    /// moved forward. Returns the end, or `None` when the request failed.
+    fn fetch_end(&self, consumer: &BaseConsumer<ReaderContext>, partition: u32) -> Option<u64> {
+        let topic = &self.config.topic;
+        match consumer.fetch_watermarks(topic, partition as i32, Duration::from_secs(1)) {
             Ok((_, high)) => {
                 let high = high.max(0) as u64;
-                self.confirm_end();
-                self.end.send_if_modified(|end| {
-                    let moved = LogPosition(high) > *end;
-                    if moved {
-                        *end = LogPosition(high);
-                    }
-                    moved
-                });
+                self.confirm_partition_end(partition);
+                self.end.send_if_modified(|end| end.raise(partition, high));
                 Some(high)
             }
             Err(error) => {
                 // The end and the lag then stay as they were, and `end_age` grows.
-                tracing::debug!(topic = %self.config.topic, error = %error, "reading the end of the topic failed");
+                tracing::debug!(topic = %topic, partition, error = %error, "reading the end of the topic failed");
                 None
             }
         }
@@ -469,15 +512,22 @@ impl KafkaLog {
 
     /// Returns whether the topic contains committed records after this node's last commit.
     fn has_foreign_records(&self) -> Result<bool, ReadError> {
-        let end = *self
+        let committed = self
             .committed_end
             .lock()
-            .expect("committed end lock is not poisoned");
-        Ok(!self.read_from(end, 1)?.is_empty())
+            .expect("committed end lock is not poisoned")
+            .clone();
+        for partition in 0..self.config.partitions {
+            let end = LogPosition::new(partition, committed.get(partition));
+            if !self.read_from(end, 1)?.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn transactional_id(&self) -> String {
-        format!("chartlog-{}-{PARTITION}", self.config.topic)
+        format!("chartlog-{}-{LEASE_PARTITION}", self.config.topic)
     }
 
     /// Shares the data keys of the charts this log's writer creates through `topic`. Each key
@@ -492,9 +542,9 @@ impl KafkaLog {
         &self.config.topic
     }
 
-    /// Returns the partition this log reads and writes.
-    pub fn partition(&self) -> i32 {
-        PARTITION
+    /// Returns the partition whose holder in the owner group writes the log.
+    pub fn lease_partition(&self) -> i32 {
+        LEASE_PARTITION
     }
 
     fn new_producer(&self) -> Result<FutureProducer, KafkaError> {
@@ -538,17 +588,22 @@ impl KafkaLog {
         let new_keys = self.unpublished_keys(&headers);
         let key_deliveries = self.send_keys(producer, &new_keys)?;
         let mut deliveries = Vec::with_capacity(envelopes.len());
+        let mut partitions = Vec::with_capacity(envelopes.len());
         for (envelope, facts) in envelopes.iter().zip(&headers) {
             let key = facts
                 .as_ref()
                 .map(|facts| facts.chart_id.as_bytes().to_vec())
                 .unwrap_or_default();
+            let partition = facts.as_ref().map_or(0, |facts| {
+                partition_of(facts.chart_id, self.config.partitions)
+            });
             let record = FutureRecord::to(&self.config.topic)
-                .partition(PARTITION)
+                .partition(partition as i32)
                 .key(&key)
                 .payload(&envelope.0);
             let delivery = producer.send_result(record).map_err(|(error, _)| error)?;
             deliveries.push(delivery);
+            partitions.push(partition);
         }
         let head_deliveries = self.send_heads(producer, &headers)?;
         let offsets = self.runtime.block_on(async {
@@ -558,7 +613,8 @@ impl KafkaLog {
         })?;
         let positions = offsets
             .into_iter()
-            .map(|offset| LogPosition(offset as u64))
+            .zip(partitions)
+            .map(|(offset, partition)| LogPosition::new(partition, offset as u64))
             .collect();
         // rdkafka's commit first flushes, and its flush polls for a fixed 100 ms whenever a
         // record is still counted as outstanding, which it is for a moment after its delivery
@@ -734,18 +790,34 @@ pub(crate) fn reader_consumer(
         .map_err(client_error("consumer creation"))
 }
 
-/// Creates `name` with one partition, unlimited retention and `cleanup_policy` when it is
-/// missing, or checks that an existing topic keeps its records: retention unlimited and the
-/// same cleanup policy. Returns whether the topic was created.
+/// Reads the end of every partition of the event topic.
+fn partition_ends<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    config: &KafkaConfig,
+    timeout: Duration,
+) -> Result<Frontier, KafkaError> {
+    let mut ends = Vec::with_capacity(config.partitions as usize);
+    for partition in 0..config.partitions {
+        let (_, high) = consumer.fetch_watermarks(&config.topic, partition as i32, timeout)?;
+        ends.push(high.max(0) as u64);
+    }
+    Ok(Frontier::from_offsets(ends))
+}
+
+/// Creates `name` with `partitions` partitions, unlimited retention and `cleanup_policy` when
+/// it is missing, or checks that an existing topic keeps its records: retention unlimited and
+/// the same cleanup policy. Returns whether the topic was created.
 pub(crate) async fn ensure_topic(
     config: &KafkaConfig,
     name: &str,
+    partitions: u32,
     cleanup_policy: &str,
 ) -> Result<bool, KafkaOpenError> {
     let admin = admin_client(config)?;
     let options = AdminOptions::new().request_timeout(Some(APPEND_TIMEOUT));
     let min_insync = config.min_insync_replicas.to_string();
-    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(config.replication_factor))
+    let replication = TopicReplication::Fixed(config.replication_factor);
+    let topic = NewTopic::new(name, partitions as i32, replication)
         .set("retention.ms", "-1")
         .set("retention.bytes", "-1")
         .set("cleanup.policy", cleanup_policy)
@@ -819,8 +891,9 @@ pub(crate) async fn check_topic(
     Ok(())
 }
 
-/// Refuses a topic with more than the one partition this log reads and writes: records on the
-/// others would be neither read nor verified.
+/// Rejects a topic with another number of partitions than configured. Charts are placed by
+/// their id and the count, so with another count a chart's new events would go elsewhere than
+/// its earlier ones. Records of unread partitions would also be neither projected nor verified.
 fn check_partitions<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     config: &KafkaConfig,
@@ -847,10 +920,11 @@ fn check_partitions<C: ClientContext>(
             "the topic has fewer replicas than the configured replication factor"
         );
     }
-    if partitions > 1 {
+    if partitions != config.partitions as usize {
         return Err(KafkaOpenError::Partitions {
             topic: topic.to_owned(),
             count: partitions,
+            configured: config.partitions,
         });
     }
     Ok(())
@@ -891,13 +965,16 @@ impl EventLog for KafkaLog {
         let producer = slot.as_ref().expect("the producer was created above");
         match self.append_in_transaction(producer, envelopes) {
             Ok(positions) => {
-                if let Some(last) = positions.last() {
-                    let end = LogPosition(last.0 + 1);
-                    *self
+                if !positions.is_empty() {
+                    let mut committed = self
                         .committed_end
                         .lock()
-                        .expect("committed end lock is not poisoned") = end;
-                    self.end.send_replace(end);
+                        .expect("committed end lock is not poisoned");
+                    for position in &positions {
+                        committed.raise(position.partition, position.offset + 1);
+                    }
+                    self.end.send_if_modified(|end| end.raise_to(&committed));
+                    drop(committed);
                     self.confirm_end();
                 }
                 Ok(positions)
@@ -954,17 +1031,21 @@ impl EventLog for KafkaLog {
             position: from,
             source: source.into(),
         };
-        let mut guard = self
-            .reader
-            .lock()
-            .expect("kafka reader lock is not poisoned");
+        let Some(reader) = self.readers.get(from.partition as usize) else {
+            return Err(ReadError {
+                position: from,
+                source: "the topic has no such partition".into(),
+            });
+        };
+        let mut guard = reader.lock().expect("kafka reader lock is not poisoned");
         let Reader { consumer, cursor } = &mut *guard;
-        let wanted = from.0 as i64;
+        let wanted = from.offset as i64;
         let fresh = *cursor != Some(wanted);
         if fresh {
+            let partition = from.partition as i32;
             let mut assignment = TopicPartitionList::new();
             assignment
-                .add_partition_offset(&self.config.topic, PARTITION, Offset::Offset(wanted))
+                .add_partition_offset(&self.config.topic, partition, Offset::Offset(wanted))
                 .map_err(failure)?;
             consumer.assign(&assignment).map_err(failure)?;
             *cursor = Some(wanted);
@@ -1002,14 +1083,21 @@ impl EventLog for KafkaLog {
                         continue;
                     }
                     let bytes = message.payload().unwrap_or_default().to_vec();
-                    entries.push((LogPosition(offset as u64), Envelope(bytes)));
+                    entries.push((
+                        LogPosition::new(from.partition, offset as u64),
+                        Envelope(bytes),
+                    ));
                 }
             }
         }
         Ok(entries)
     }
 
-    fn end_position(&self) -> watch::Receiver<LogPosition> {
+    fn partitions(&self) -> u32 {
+        self.config.partitions
+    }
+
+    fn end_position(&self) -> watch::Receiver<Frontier> {
         self.end.subscribe()
     }
 
@@ -1048,7 +1136,7 @@ impl EventLog for KafkaLog {
         ] {
             let created = self
                 .runtime
-                .block_on(ensure_topic(&self.config, &name, policy))
+                .block_on(ensure_topic(&self.config, &name, 1, policy))
                 .map_err(|error| AppendError::Unavailable(error.into()))?;
             if created {
                 tracing::error!(topic = %name, "a topic beside the log was missing and was created again; what it held is restored from this node's keys and the log");
@@ -1066,22 +1154,18 @@ impl EventLog for KafkaLog {
             .map_err(|error| AppendError::Unavailable(error.into()))?;
         let consumer = reader_consumer(&self.config)
             .map_err(|error| AppendError::Unavailable(error.into()))?;
-        let (_, high) = consumer
-            .fetch_watermarks(&self.config.topic, PARTITION, APPEND_TIMEOUT)
+        let end = partition_ends(&consumer, &self.config, APPEND_TIMEOUT)
             .map_err(|error| AppendError::Unavailable(error.into()))?;
-        let end = LogPosition(high.max(0) as u64);
         *self
             .committed_end
             .lock()
-            .expect("committed end lock is not poisoned") = end;
+            .expect("committed end lock is not poisoned") = end.clone();
         let published = self.publish_missing_keys(&producer)?;
         if published > 0 {
             tracing::info!(keys = published, "published data keys to the key topic");
         }
         *slot = Some(producer);
-        if end > *self.end.borrow() {
-            self.end.send_replace(end);
-        }
+        self.end.send_if_modified(|known| known.raise_to(&end));
         self.confirm_end();
         Ok(())
     }
@@ -1129,7 +1213,7 @@ impl EventLog for KafkaLog {
 
     fn recorded_heads(&self) -> Result<Option<Vec<RecordedHead>>, ReadError> {
         read_heads(&self.config).map_err(|source| ReadError {
-            position: LogPosition(0),
+            position: LogPosition::default(),
             source: source.into(),
         })
     }
@@ -1143,47 +1227,53 @@ impl EventLog for KafkaLog {
     }
 
     fn resume_position(&self, from: LogPosition) -> Result<LogPosition, ReadError> {
-        let reader = self
-            .reader
-            .lock()
-            .expect("kafka reader lock is not poisoned");
+        let Some(reader) = self.readers.get(from.partition as usize) else {
+            return Ok(from);
+        };
+        let reader = reader.lock().expect("kafka reader lock is not poisoned");
         let position = reader.consumer.position().map_err(|source| ReadError {
             position: from,
             source: source.into(),
         })?;
         let next = position
-            .find_partition(&self.config.topic, PARTITION)
+            .find_partition(&self.config.topic, from.partition as i32)
             .and_then(|element| match element.offset() {
                 Offset::Offset(offset) if offset >= 0 => Some(offset as u64),
                 _ => None,
             })
-            .unwrap_or(from.0);
+            .unwrap_or(from.offset);
         // The end of the log moves with this node's own appends only; on a standby, others
         // append. Asking the broker here, when a read found nothing new, keeps the end (and so
         // the lag `/health` reports) current at one small request per idle read.
-        if let Some(high) = self.fetch_end(&reader.consumer) {
-            if high < from.0 {
+        if let Some(high) = self.fetch_end(&reader.consumer, from.partition) {
+            if high < from.offset {
                 return Err(ReadError {
                     position: from,
-                    source: Box::new(super::EntriesLost { end: high }),
+                    source: Box::new(super::EntriesLost {
+                        end: LogPosition::new(from.partition, high),
+                    }),
                 });
             }
         }
-        Ok(LogPosition(next.max(from.0)))
+        Ok(LogPosition::new(from.partition, next.max(from.offset)))
     }
 
     fn refresh_end(&self) {
-        let reader = self
-            .reader
-            .lock()
-            .expect("kafka reader lock is not poisoned");
-        self.fetch_end(&reader.consumer);
+        for (partition, reader) in self.readers.iter().enumerate() {
+            let reader = reader.lock().expect("kafka reader lock is not poisoned");
+            self.fetch_end(&reader.consumer, partition as u32);
+        }
     }
 
     fn end_age(&self) -> Option<Duration> {
-        self.end_confirmed
+        // The end is as old as its least recently confirmed partition's.
+        let confirmed = self
+            .end_confirmed
             .lock()
-            .expect("end confirmation lock is not poisoned")
-            .map(|confirmed| confirmed.elapsed())
+            .expect("end confirmation lock is not poisoned");
+        confirmed
+            .iter()
+            .map(|confirmed| confirmed.map(|confirmed| confirmed.elapsed()))
+            .try_fold(Duration::ZERO, |oldest, age| age.map(|age| oldest.max(age)))
     }
 }

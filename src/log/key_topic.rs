@@ -65,7 +65,7 @@ impl KeyTopic {
     pub async fn open(config: &KafkaConfig, create: bool) -> Result<Arc<KeyTopic>, KafkaOpenError> {
         let name = key_topic_name(&config.topic);
         if create {
-            ensure_topic(config, &name, "compact").await?;
+            ensure_topic(config, &name, 1, "compact").await?;
         }
         let consumer = reader_consumer(config)?;
         Ok(Arc::new(KeyTopic {

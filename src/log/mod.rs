@@ -25,14 +25,125 @@ pub use kafka::{KafkaConfig, KafkaLog};
 /// A chart's head as recorded beside the log: chart id, last sequence number and digest.
 pub type RecordedHead = (ChartId, EventSeq, [u8; 32]);
 
-/// Position of an entry in the log: 0 for the first entry, then counting up without gaps.
+/// Position of an entry in the log: its partition, and its offset there, from 0. The
+/// embedded log has one partition, whose offsets count up without gaps.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
-pub struct LogPosition(pub u64);
+pub struct LogPosition {
+    /// Partition of the entry; every entry of a chart is in the same one.
+    pub partition: u32,
+    /// Offset of the entry within its partition.
+    pub offset: u64,
+}
+
+impl LogPosition {
+    /// Returns the position at `offset` of `partition`.
+    pub const fn new(partition: u32, offset: u64) -> LogPosition {
+        LogPosition { partition, offset }
+    }
+
+    /// Returns the position after this one in the same partition.
+    pub const fn next(self) -> LogPosition {
+        LogPosition::new(self.partition, self.offset + 1)
+    }
+}
 
 impl std::fmt::Display for LogPosition {
+    /// Writes the offset alone in partition 0, so a log of one partition names positions as
+    /// plain numbers, and `partition:offset` elsewhere.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        if self.partition == 0 {
+            self.offset.fmt(f)
+        } else {
+            write!(f, "{}:{}", self.partition, self.offset)
+        }
     }
+}
+
+/// One offset per partition, each one past the last entry counted there: the end of a log, or
+/// how far a projection has applied it.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Frontier(Vec<u64>);
+
+impl Frontier {
+    /// Returns the frontier at the start of a log of `partitions` partitions.
+    pub fn start(partitions: u32) -> Frontier {
+        Frontier(vec![0; partitions as usize])
+    }
+
+    /// Returns the frontier of the given offsets, the first for partition 0.
+    pub fn from_offsets(offsets: Vec<u64>) -> Frontier {
+        Frontier(offsets)
+    }
+
+    /// Returns the offset of `partition`; 0 for a partition this frontier does not hold.
+    pub fn get(&self, partition: u32) -> u64 {
+        self.0.get(partition as usize).copied().unwrap_or(0)
+    }
+
+    /// Returns the offsets, the first for partition 0.
+    pub fn offsets(&self) -> &[u64] {
+        &self.0
+    }
+
+    /// Moves `partition` forward to `offset` when that is further. Returns whether it moved.
+    pub fn raise(&mut self, partition: u32, offset: u64) -> bool {
+        let index = partition as usize;
+        if self.0.len() <= index {
+            self.0.resize(index + 1, 0);
+        }
+        let moved = offset > self.0[index];
+        if moved {
+            self.0[index] = offset;
+        }
+        moved
+    }
+
+    /// Moves every partition forward to `other`'s offset where that is further. Returns
+    /// whether any moved.
+    pub fn raise_to(&mut self, other: &Frontier) -> bool {
+        let mut moved = false;
+        for (partition, offset) in other.0.iter().enumerate() {
+            moved |= self.raise(partition as u32, *offset);
+        }
+        moved
+    }
+
+    /// Returns whether every partition is at or past `other`'s offset.
+    pub fn covers(&self, other: &Frontier) -> bool {
+        other
+            .0
+            .iter()
+            .enumerate()
+            .all(|(partition, offset)| self.get(partition as u32) >= *offset)
+    }
+
+    /// Returns the sum of the offsets: the entries counted, transaction markers included on
+    /// Kafka.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Returns how many entries `self` counts beyond `applied`, partition by partition.
+    pub fn beyond(&self, applied: &Frontier) -> u64 {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(partition, offset)| offset.saturating_sub(applied.get(partition as u32)))
+            .sum()
+    }
+}
+
+/// Returns the partition of a chart's events in a log of `partitions` partitions: the first
+/// eight bytes of the BLAKE3 digest of the chart id, big-endian, modulo the count. It depends
+/// on the id alone, so every node and tool agrees on it, and `verify` can check it.
+pub fn partition_of(chart_id: ChartId, partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let digest = blake3::hash(chart_id.as_bytes());
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    (u64::from_be_bytes(first) % u64::from(partitions)) as u32
 }
 
 /// Error from appending to the log.
@@ -63,8 +174,8 @@ pub struct ReadError {
 #[derive(Debug, thiserror::Error)]
 #[error("the log now ends at position {end}, before entries already read: entries were lost from the log; restore it from a backup and run chartlog-replay verify")]
 pub struct EntriesLost {
-    /// Position one past the log's last entry now.
-    pub end: u64,
+    /// Position one past the last entry of the partition now.
+    pub end: LogPosition,
 }
 
 impl ReadError {
@@ -77,7 +188,8 @@ impl ReadError {
 /// An append-only log of envelopes.
 pub trait EventLog: Send + Sync + 'static {
     /// Appends a batch atomically and durably: either every envelope is appended, in order,
-    /// and synced, or none is. Returns the position of each envelope. Blocks the calling
+    /// and synced, or none is. Each envelope goes to the partition of its chart. Returns the
+    /// position of each envelope. Blocks the calling
     /// thread; call it from a writer thread, never from the async runtime.
     ///
     /// # Errors
@@ -85,7 +197,14 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`AppendError`] when the batch could not be made durable; nothing was appended.
     fn append_batch(&self, envelopes: &[Envelope]) -> Result<Vec<LogPosition>, AppendError>;
 
-    /// Reads up to `max` entries starting at `from`, in log order. Blocks the calling thread.
+    /// Returns the number of partitions; a chart's events are all in
+    /// [`partition_of`] its id.
+    fn partitions(&self) -> u32 {
+        1
+    }
+
+    /// Reads up to `max` entries of `from`'s partition starting at `from`, in log order.
+    /// Blocks the calling thread.
     ///
     /// # Errors
     ///
@@ -96,9 +215,9 @@ pub trait EventLog: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<(LogPosition, Envelope)>, ReadError>;
 
-    /// Returns a receiver of the position one past the last durable entry; it changes after
-    /// every successful append.
-    fn end_position(&self) -> watch::Receiver<LogPosition>;
+    /// Returns a receiver of the end of each partition, one past its last durable entry; it
+    /// changes after every successful append.
+    fn end_position(&self) -> watch::Receiver<Frontier>;
 
     /// Returns how long ago the end in [`EventLog::end_position`] was last confirmed, or
     /// `None` when it never was. The embedded log returns zero, because only this node appends

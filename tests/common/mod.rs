@@ -43,10 +43,19 @@ pub fn test_kafka_config() -> Option<chartlog::log::KafkaConfig> {
     Some(chartlog::log::KafkaConfig {
         bootstrap_servers: bootstrap,
         topic: format!("chartlog-test-{}", uuid::Uuid::new_v4()),
+        partitions: test_partitions(),
         replication_factor: 1,
         min_insync_replicas: 1,
         properties: Default::default(),
     })
+}
+
+/// Partitions of the topics the tests create: `CHARTLOG_TEST_KAFKA_PARTITIONS`, or 1.
+pub fn test_partitions() -> u32 {
+    std::env::var("CHARTLOG_TEST_KAFKA_PARTITIONS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Returns whether the tests run against Kafka.
@@ -81,7 +90,11 @@ impl EventLog for ControlledLog {
         self.inner.read_from(from, max)
     }
 
-    fn end_position(&self) -> watch::Receiver<LogPosition> {
+    fn partitions(&self) -> u32 {
+        self.inner.partitions()
+    }
+
+    fn end_position(&self) -> watch::Receiver<chartlog::log::Frontier> {
         self.inner.end_position()
     }
 
@@ -229,15 +242,18 @@ impl TestNode {
     /// take offsets too, so the end position is not a count.
     pub fn log_end(&self) -> u64 {
         let mut count = 0;
-        let mut from = chartlog::log::LogPosition(0);
-        loop {
-            let entries = self.node.log.read_from(from, 4096).unwrap();
-            let Some((last, _)) = entries.last() else {
-                return count;
-            };
-            count += entries.len() as u64;
-            from = chartlog::log::LogPosition(last.0 + 1);
+        for partition in 0..self.node.log.partitions() {
+            let mut from = chartlog::log::LogPosition::new(partition, 0);
+            loop {
+                let entries = self.node.log.read_from(from, 4096).unwrap();
+                let Some((last, _)) = entries.last() else {
+                    break;
+                };
+                count += entries.len() as u64;
+                from = last.next();
+            }
         }
+        count
     }
 
     pub async fn call(
