@@ -73,6 +73,19 @@ pub struct VerifyReport {
     /// Whether reading stopped after the most problems listed, so that the rest of the log
     /// and the recorded heads were not checked.
     pub stopped_early: bool,
+    /// Each chart's last event as read.
+    pub chart_ends: HashMap<ChartId, ChartEnd>,
+}
+
+/// A chart's last event as verification read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChartEnd {
+    /// Its sequence number.
+    pub seq: EventSeq,
+    /// Its digest.
+    pub digest: [u8; 32],
+    /// Its position.
+    pub position: LogPosition,
 }
 
 impl VerifyReport {
@@ -249,7 +262,51 @@ pub fn verify_log(
         }
     }
     report.charts = tails.len();
+    report.chart_ends = tails
+        .into_iter()
+        .map(|(chart_id, tail)| {
+            let end = ChartEnd {
+                seq: tail.seq,
+                digest: tail.digest,
+                position: tail.position,
+            };
+            (chart_id, end)
+        })
+        .collect();
     Ok(report)
+}
+
+/// Returns a problem for each chart whose recorded head, read after the log, is behind the
+/// last event read, or names another event at the same sequence number. Every append records
+/// its charts' heads in the same transaction as their events, so heads read after the log
+/// reach at least as far. A head behind was rolled back to an earlier one, which heads read
+/// before the log cannot reveal. A chart without a recorded head is not a problem here, since
+/// logs written before heads were recorded have none until the next take-over.
+pub fn heads_behind(report: &VerifyReport, heads_after: &[RecordedHead]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (chart_id, seq, digest) in heads_after {
+        let Some(end) = report.chart_ends.get(chart_id) else {
+            continue;
+        };
+        let failure = if seq.0 < end.seq.0 {
+            format!(
+                "chart continues to sequence {} but its recorded head, read after the log, is sequence {seq}: the recorded heads were rolled back or altered",
+                end.seq
+            )
+        } else if *seq == end.seq && *digest != end.digest {
+            "the chart's last event is not the one its recorded head names: the event or the head was replaced".into()
+        } else {
+            continue;
+        };
+        problems.push(Problem {
+            position: end.position,
+            chart_id: Some(*chart_id),
+            seq: Some(end.seq.0),
+            failure,
+        });
+    }
+    problems.sort_by_key(|problem| problem.position);
+    problems
 }
 
 /// Checks one entry and moves its chart's tail on. Returns the entry's chart, sequence number

@@ -331,6 +331,36 @@ async fn copy_moves_logs_byte_for_byte() {
     );
 }
 
+/// Returns a plain producer on the test broker, for writing records no node would write.
+fn raw_producer(kafka: &chartlog::log::KafkaConfig) -> rdkafka::producer::BaseProducer {
+    rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .create()
+        .unwrap()
+}
+
+/// Writes head records, chart id and encoded head, to the head topic of `kafka`'s log.
+fn send_heads(
+    producer: &rdkafka::producer::BaseProducer,
+    kafka: &chartlog::log::KafkaConfig,
+    heads: impl IntoIterator<Item = (chartlog_schemas::ChartId, [u8; 40])>,
+) {
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    let topic = chartlog::log::head_topic::head_topic_name(&kafka.topic);
+    for (chart_id, value) in heads {
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key(chart_id.as_bytes().as_slice())
+                    .payload(value.as_slice()),
+            )
+            .map_err(|(error, _)| error)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
 /// Reads every record of each partition of `log`, as bytes, partition by partition.
 async fn partition_records(log: std::sync::Arc<dyn EventLog>) -> Vec<Vec<Vec<u8>>> {
     tokio::task::spawn_blocking(move || {
@@ -495,17 +525,14 @@ async fn charts_spread_over_partitions_keep_order_and_state() {
     );
 
     // A genuine event written again into another partition is named, not read as a chart's.
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::{BaseRecord, Producer};
     let (home, records) = original
         .iter()
         .enumerate()
         .find(|(_, records)| !records.is_empty())
         .unwrap();
     let elsewhere = (home as i32 + 1) % PARTITIONS as i32;
-    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .create()
-        .unwrap();
+    let producer = raw_producer(&kafka);
     producer
         .send(
             BaseRecord::<(), _>::to(&kafka.topic)
@@ -884,8 +911,53 @@ async fn topics_that_would_lose_records_are_refused() {
 }
 
 #[tokio::test]
+async fn rolled_back_head_is_named() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = node.create(&patient("Roll", "Back", "1970-01-01")).await;
+    for day in 1..=3 {
+        let effective = format!("2024-01-0{day}T00:00:00Z");
+        let reply = post_weight(&node, &patient_id, "60.0", &effective).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    }
+    let records = partition_records(node.node.log.clone()).await;
+    let (dir, _) = node.stop().await;
+
+    // The head of the chart with the most events goes back to its second event: a genuine
+    // head, as an attacker who removed the later events would leave it.
+    let mut events: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+    for bytes in records.iter().flatten() {
+        let parsed = chartlog_schemas::envelope::parse(bytes).unwrap();
+        events
+            .entry(parsed.header.chart_id)
+            .or_default()
+            .push((parsed.header.seq, parsed.digest));
+    }
+    let (chart_id, chart_events) = events
+        .into_iter()
+        .max_by_key(|(_, chart_events)| chart_events.len())
+        .unwrap();
+    assert!(chart_events.len() >= 3, "the chart has too few events");
+    let (earlier_seq, earlier_digest) = chart_events[1];
+    let value = chartlog::log::head_topic::encode_head(earlier_seq, &earlier_digest);
+    let producer = raw_producer(&kafka);
+    send_heads(&producer, &kafka, [(chart_id, value)]);
+
+    let (verified, output) = replay(
+        &["verify", "--log-backend", "kafka"],
+        dir.path(),
+        &kafka.topic,
+    );
+    assert!(!verified, "verify passed a rolled-back head: {output}");
+    assert!(
+        output.contains("read after the log, is sequence 2"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
 async fn forged_head_reveals_removed_events() {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::BaseRecord;
 
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
@@ -911,29 +983,21 @@ async fn forged_head_reveals_removed_events() {
             .expect("the node recorded no chart heads")
     };
     assert!(!heads.is_empty());
-    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .create()
-        .unwrap();
+    let producer = raw_producer(&kafka);
     let topic = chartlog::log::head_topic::head_topic_name(&kafka.topic);
     // A record that is no head at all is skipped, so the forged heads behind it still count.
     producer
         .send(BaseRecord::to(&topic).key("junk").payload("not a head"))
         .map_err(|(error, _)| error)
         .unwrap();
-    for (chart_id, seq, _) in &heads {
-        let value =
-            chartlog::log::head_topic::encode_head(chartlog_schemas::EventSeq(seq.0 + 1), &[0; 32]);
-        producer
-            .send(
-                BaseRecord::to(&topic)
-                    .key(chart_id.as_bytes().as_slice())
-                    .payload(value.as_slice()),
-            )
-            .map_err(|(error, _)| error)
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    let forged = heads.iter().map(|(chart_id, seq, _)| {
+        let next = chartlog_schemas::EventSeq(seq.0 + 1);
+        (
+            *chart_id,
+            chartlog::log::head_topic::encode_head(next, &[0; 32]),
+        )
+    });
+    send_heads(&producer, &kafka, forged);
 
     let (verified, output) = replay(
         &["verify", "--log-backend", "kafka"],

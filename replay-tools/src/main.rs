@@ -271,8 +271,13 @@ fn verify(
             let check = heads
                 .as_deref()
                 .map_or(HeadCheck::Unrecorded, HeadCheck::Before);
-            let report = verify_log(&log, &keys, check).context("cannot read the log")?;
+            let mut report = verify_log(&log, &keys, check).context("cannot read the log")?;
             drop(log);
+            if heads.is_some() && !report.stopped_early {
+                report
+                    .problems
+                    .extend(heads_read_after(&report, &head_settings)?);
+            }
             if heads.is_none() && report.events > 0 {
                 failures.push(format!(
                     "the head topic {} is missing, so events removed from the end of a chart cannot be detected; a node re-creates it from the log when it next takes the log over",
@@ -310,6 +315,30 @@ fn verify(
         report.problems[0]
     );
     Ok(false)
+}
+
+/// How often the heads are read again after the log before a head behind it counts.
+const HEAD_REREADS: u32 = 5;
+
+/// Reads the recorded heads again after the log and returns the charts whose head is behind
+/// the events read. A transaction's commit reaches the head topic a moment after the event
+/// topic, so a head behind is read again a few times, a second apart, before it counts.
+fn heads_read_after(
+    report: &VerifyReport,
+    settings: &KafkaConfig,
+) -> anyhow::Result<Vec<chartlog::verify::Problem>> {
+    let mut attempt = 1;
+    loop {
+        let heads = chartlog::log::head_topic::read_heads(settings)
+            .context("cannot read the chart heads of the Kafka log again")?
+            .unwrap_or_default();
+        let behind = chartlog::verify::heads_behind(report, &heads);
+        if behind.is_empty() || attempt == HEAD_REREADS {
+            return Ok(behind);
+        }
+        attempt += 1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// Entries copied per append: one Kafka transaction or one synced RocksDB batch.
