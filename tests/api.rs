@@ -810,6 +810,55 @@ async fn repeated_command_id_applies_once() {
 }
 
 #[tokio::test]
+async fn command_id_keeps_its_request_after_restart() {
+    let node = TestNode::start().await;
+    let patient_id = node.create(&patient("Keep", "Request", "1971-01-01")).await;
+    let headers = [("x-command-id", "6d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6")];
+    let body = weight(&patient_id, "62.0", "2024-02-01").to_string();
+    let first = node
+        .call(
+            Method::POST,
+            "/fhir/Observation",
+            Some(&node.physician()),
+            Some(&body),
+            &headers,
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    let (dir, kafka) = node.stop().await;
+    let node = TestNode::start_in(dir, kafka).await;
+
+    let before = node.log_end();
+    let other_body = weight(&patient_id, "63.0", "2024-02-02").to_string();
+    let changed = node
+        .call(
+            Method::POST,
+            "/fhir/Observation",
+            Some(&node.physician()),
+            Some(&other_body),
+            &headers,
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::CONFLICT, "{}", changed.text);
+    let repeated = node
+        .call(
+            Method::POST,
+            "/fhir/Observation",
+            Some(&node.physician()),
+            Some(&body),
+            &headers,
+        )
+        .await;
+    assert_eq!(repeated.status, StatusCode::CREATED, "{}", repeated.text);
+    assert_eq!(repeated.json["id"], first.json["id"]);
+    assert_eq!(
+        node.log_end(),
+        before,
+        "a repeated or refused command appended"
+    );
+}
+
+#[tokio::test]
 async fn restart_keeps_versions_and_chains() {
     let node = TestNode::start().await;
     let id = node.create(&patient("Restart", "Me", "1950-05-05")).await;

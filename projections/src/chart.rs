@@ -801,6 +801,7 @@ mod tests {
             resource_id: id.into(),
             version,
             resource_json: "{}".into(),
+            command_fingerprint: None,
         })
     }
 
@@ -832,6 +833,7 @@ mod tests {
                     resource_type: "Observation".into(),
                     resource_id: "obs-1".into(),
                     version: 3,
+                    command_fingerprint: None,
                 }),
             ),
         ]

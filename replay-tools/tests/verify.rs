@@ -202,6 +202,7 @@ fn forged_event_is_named() {
                 resource_type: "Patient".into(),
                 resource_id: "pat-1".into(),
                 version: 2,
+                command_fingerprint: None,
             },
         );
         let key_material = chartlog::crypto::SymmetricKey::from_bytes([7u8; 32]);

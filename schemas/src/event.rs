@@ -29,8 +29,8 @@ impl EventType {
     pub fn current_schema_version(self) -> u16 {
         match self {
             EventType::ChartOpened => 1,
-            EventType::ResourceRecorded => 1,
-            EventType::ResourceRetracted => 1,
+            EventType::ResourceRecorded => 2,
+            EventType::ResourceRetracted => 2,
             EventType::ChartAccessed => 2,
         }
     }
@@ -124,6 +124,8 @@ pub struct ChartOpened {
 }
 
 /// Payload of a create or update: the complete new version of one FHIR resource.
+///
+/// Version 2 added `command_fingerprint`; version 1 events decode with it empty.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceRecorded {
     /// FHIR resource type, for example `Observation`.
@@ -135,9 +137,14 @@ pub struct ResourceRecorded {
     /// The resource as FHIR R4 JSON, exactly as served (meta.versionId and meta.lastUpdated
     /// included). Stored as text so decimals and element order survive unchanged.
     pub resource_json: String,
+    /// Digest of the request, for a command sent with a command id: a later request with the
+    /// same id and another digest is refused, also after the writer rebuilt its state.
+    pub command_fingerprint: Option<[u8; 32]>,
 }
 
 /// Payload of a delete.
+///
+/// Version 2 added `command_fingerprint`; version 1 events decode with it empty.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceRetracted {
     /// FHIR resource type.
@@ -146,6 +153,48 @@ pub struct ResourceRetracted {
     pub resource_id: String,
     /// Version number the delete takes; reads of this version return 410 Gone.
     pub version: u64,
+    /// Digest of the request, as in [`ResourceRecorded::command_fingerprint`].
+    pub command_fingerprint: Option<[u8; 32]>,
+}
+
+/// [`ResourceRecorded`] as schema version 1 wrote it.
+#[derive(Deserialize)]
+struct ResourceRecordedV1 {
+    resource_type: String,
+    resource_id: String,
+    version: u64,
+    resource_json: String,
+}
+
+impl From<ResourceRecordedV1> for ResourceRecorded {
+    fn from(old: ResourceRecordedV1) -> ResourceRecorded {
+        ResourceRecorded {
+            resource_type: old.resource_type,
+            resource_id: old.resource_id,
+            version: old.version,
+            resource_json: old.resource_json,
+            command_fingerprint: None,
+        }
+    }
+}
+
+/// [`ResourceRetracted`] as schema version 1 wrote it.
+#[derive(Deserialize)]
+struct ResourceRetractedV1 {
+    resource_type: String,
+    resource_id: String,
+    version: u64,
+}
+
+impl From<ResourceRetractedV1> for ResourceRetracted {
+    fn from(old: ResourceRetractedV1) -> ResourceRetracted {
+        ResourceRetracted {
+            resource_type: old.resource_type,
+            resource_id: old.resource_id,
+            version: old.version,
+            command_fingerprint: None,
+        }
+    }
 }
 
 /// One resource named in an access event.
@@ -288,9 +337,20 @@ impl EventPayload {
             source,
         };
         // Older versions decode with their own struct and are upcast; they are never rewritten.
-        if event_type == EventType::ChartAccessed && version == 1 {
-            let old: ChartAccessedV1 = postcard::from_bytes(bytes).map_err(malformed)?;
-            return Ok(EventPayload::ChartAccessed(old.into()));
+        match (event_type, version) {
+            (EventType::ChartAccessed, 1) => {
+                let old: ChartAccessedV1 = postcard::from_bytes(bytes).map_err(malformed)?;
+                return Ok(EventPayload::ChartAccessed(old.into()));
+            }
+            (EventType::ResourceRecorded, 1) => {
+                let old: ResourceRecordedV1 = postcard::from_bytes(bytes).map_err(malformed)?;
+                return Ok(EventPayload::ResourceRecorded(old.into()));
+            }
+            (EventType::ResourceRetracted, 1) => {
+                let old: ResourceRetractedV1 = postcard::from_bytes(bytes).map_err(malformed)?;
+                return Ok(EventPayload::ResourceRetracted(old.into()));
+            }
+            _ => {}
         }
         if version != event_type.current_schema_version() {
             return Err(PayloadError::UnsupportedVersion {
@@ -365,6 +425,7 @@ mod tests {
             resource_id: "p1".into(),
             version: 1,
             resource_json: "{\"name\":\"Secret Name\"}".into(),
+            command_fingerprint: None,
         });
         let text = format!("{payload:?}");
         assert!(

@@ -26,7 +26,7 @@ pub fn sample_payloads() -> Vec<(&'static str, EventPayload)> {
             }),
         ),
         (
-            "resource-recorded-v1",
+            "resource-recorded-v2",
             EventPayload::ResourceRecorded(ResourceRecorded {
                 resource_type: "Observation".into(),
                 resource_id: "obs-1".into(),
@@ -34,14 +34,16 @@ pub fn sample_payloads() -> Vec<(&'static str, EventPayload)> {
                 resource_json:
                     r#"{"resourceType":"Observation","id":"obs-1","valueQuantity":{"value":1.50}}"#
                         .into(),
+                command_fingerprint: Some([0x3c; 32]),
             }),
         ),
         (
-            "resource-retracted-v1",
+            "resource-retracted-v2",
             EventPayload::ResourceRetracted(ResourceRetracted {
                 resource_type: "Condition".into(),
                 resource_id: "cond-7".into(),
                 version: 3,
+                command_fingerprint: None,
             }),
         ),
         (
@@ -63,20 +65,45 @@ pub fn sample_payloads() -> Vec<(&'static str, EventPayload)> {
 /// Returns the samples of schema versions no longer written: each golden file's name, its
 /// version, and the value it must decode to once upcast to the current version.
 pub fn retired_samples() -> Vec<(&'static str, u16, EventPayload)> {
-    vec![(
-        "chart-accessed-v1",
-        1,
-        EventPayload::ChartAccessed(ChartAccessed {
-            interaction: "vread".into(),
-            resources: vec![AccessedResource {
+    vec![
+        (
+            "chart-accessed-v1",
+            1,
+            EventPayload::ChartAccessed(ChartAccessed {
+                interaction: "vread".into(),
+                resources: vec![AccessedResource {
+                    resource_type: "Observation".into(),
+                    resource_id: "obs-1".into(),
+                    version: Some(2),
+                }],
+                client_address: "127.0.0.1:50000".into(),
+                served_at_micros: None,
+            }),
+        ),
+        (
+            "resource-recorded-v1",
+            1,
+            EventPayload::ResourceRecorded(ResourceRecorded {
                 resource_type: "Observation".into(),
                 resource_id: "obs-1".into(),
-                version: Some(2),
-            }],
-            client_address: "127.0.0.1:50000".into(),
-            served_at_micros: None,
-        }),
-    )]
+                version: 2,
+                resource_json:
+                    r#"{"resourceType":"Observation","id":"obs-1","valueQuantity":{"value":1.50}}"#
+                        .into(),
+                command_fingerprint: None,
+            }),
+        ),
+        (
+            "resource-retracted-v1",
+            1,
+            EventPayload::ResourceRetracted(ResourceRetracted {
+                resource_type: "Condition".into(),
+                resource_id: "cond-7".into(),
+                version: 3,
+                command_fingerprint: None,
+            }),
+        ),
+    ]
 }
 
 /// Returns the fixed sample header used in the golden envelope.

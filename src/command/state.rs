@@ -159,8 +159,8 @@ impl WriterState {
         let record = self.commands.get(&command_id)?;
         let same_request = match (record.fingerprint, command.fingerprint) {
             (Some(first), Some(again)) => first == again,
-            // NOTE: fingerprints are kept in memory only, so after a restart a repeated id
-            // is matched by actor alone.
+            // Events written before they carried the request's digest: the id is matched by
+            // actor alone.
             _ => true,
         };
         if record.actor != command.actor || !same_request {
@@ -313,6 +313,19 @@ impl WriterState {
             results.push(result);
         }
         if let Some(command_id) = command.command_id {
+            // The events carry the request's digest, so a writer that rebuilds its state from
+            // the log still distinguishes a repeated request from another one under the same id.
+            for event in &mut events {
+                match &mut event.payload {
+                    EventPayload::ResourceRecorded(recorded) => {
+                        recorded.command_fingerprint = command.fingerprint;
+                    }
+                    EventPayload::ResourceRetracted(retracted) => {
+                        retracted.command_fingerprint = command.fingerprint;
+                    }
+                    EventPayload::ChartOpened(_) | EventPayload::ChartAccessed(_) => {}
+                }
+            }
             let record = CommandRecord {
                 actor: command.actor.clone(),
                 fingerprint: command.fingerprint,
@@ -495,6 +508,7 @@ impl WriterState {
                 resource_id: resource_id.to_owned(),
                 version,
                 resource_json,
+                command_fingerprint: None,
             }),
         });
         self.set_resource(
@@ -556,6 +570,7 @@ impl WriterState {
                 resource_type: resource_type.to_owned(),
                 resource_id: resource_id.to_owned(),
                 version,
+                command_fingerprint: None,
             }),
         });
         self.set_resource(
@@ -661,6 +676,11 @@ impl WriterState {
             EventPayload::ChartAccessed(_) => Some(OperationResult::Accessed),
         };
         if let (Some(command_id), Some(result)) = (header.command_id, result) {
+            let fingerprint = match payload {
+                EventPayload::ResourceRecorded(recorded) => recorded.command_fingerprint,
+                EventPayload::ResourceRetracted(retracted) => retracted.command_fingerprint,
+                EventPayload::ChartOpened(_) | EventPayload::ChartAccessed(_) => None,
+            };
             let record = self
                 .commands
                 .entry(command_id)
@@ -669,6 +689,7 @@ impl WriterState {
                     fingerprint: None,
                     results: Vec::new(),
                 });
+            record.fingerprint = record.fingerprint.or(fingerprint);
             record.results.push(result);
         }
     }

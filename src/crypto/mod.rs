@@ -369,6 +369,9 @@ mod tests {
         let mut header = golden::sample_header();
         header.signer = signer.id();
         let payload = golden::sample_payloads().remove(1).1;
+        // The golden header keeps the version it was written with; a sealed payload is encoded
+        // at its current version.
+        header.schema_version = payload.event_type().current_schema_version();
         (header, payload, SymmetricKey::from_bytes([9u8; 32]), signer)
     }
 
