@@ -178,7 +178,11 @@ fn kill_during_writes_loses_no_acknowledged_write() {
             }
         }));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill once writes are flowing, however long the first ones took on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().unwrap().len() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.kill().unwrap();
     server.wait().unwrap();
     for client in clients {

@@ -816,6 +816,21 @@ async fn standby_with_the_owners_url_does_not_redirect() {
         reply.text
     );
     assert_eq!(reply.header("location"), None);
+    // `/health` says so rather than reporting a standby that works.
+    let health = second.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(
+        health.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        health.text
+    );
+    assert!(
+        health.json["log"]["ownership"]["problem"]
+            .as_str()
+            .is_some_and(|problem| problem.contains("--base-url")),
+        "{}",
+        health.text
+    );
 }
 
 /// Creates a topic with the given partitions and settings through the admin API.

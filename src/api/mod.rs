@@ -441,6 +441,13 @@ async fn health(
         role,
         Some(Role::Undecided | Role::Standby { owner_url: None })
     );
+    // An owner that publishes this node's own base URL cannot be redirected to, so this node
+    // answers writes with 503 as if it knew no owner.
+    let owner_has_own_url = matches!(
+        &role,
+        Some(Role::Standby { owner_url: Some(owner_url) })
+            if owner_url.trim_end_matches('/') == &*state.base_url
+    );
     // Only the owner appends, so only the owner's last append matters for health.
     let is_owner = matches!(role, None | Some(Role::Owner));
     let (code, node_state) = if status.halted.is_some()
@@ -448,6 +455,7 @@ async fn health(
         || (is_owner && !writer_healthy)
         || journaled > 0
         || no_owner_known
+        || owner_has_own_url
     {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "degraded")
     } else {
@@ -467,6 +475,10 @@ async fn health(
         .and_then(|error| error.borrow().clone());
     if let (Some(fields), Some(error)) = (ownership.as_object_mut(), take_over_error) {
         fields.insert("take_over_error".into(), error.into());
+    }
+    if let (Some(fields), true) = (ownership.as_object_mut(), owner_has_own_url) {
+        let problem = "the owner publishes this node's base URL, so clients cannot be redirected to it; give every node its own --base-url";
+        fields.insert("problem".into(), problem.into());
     }
     let body = serde_json::json!({
         "status": node_state,

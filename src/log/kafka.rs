@@ -519,7 +519,9 @@ impl KafkaLog {
             .clone();
         for partition in 0..self.config.partitions {
             let end = LogPosition::new(partition, committed.get(partition));
-            if !self.read_from(end, 1)?.is_empty() {
+            // Waiting for records is the point here, so the end known so far is no reason
+            // to skip the wait.
+            if !self.read_partition(end, 1, false)?.is_empty() {
                 return Ok(true);
             }
         }
@@ -629,6 +631,87 @@ impl KafkaLog {
                 .mark_published(new_keys.into_iter().map(|(key_id, _)| key_id));
         }
         Ok(positions)
+    }
+
+    /// Reads up to `max` entries of `from`'s partition starting at `from`. With `skip_idle`, a
+    /// partition of a log of several that was read up to its known end is polled without
+    /// waiting: a projector reading the partitions in turn would otherwise wait on each idle
+    /// one while records arrive in another. The end moves with this node's appends and with
+    /// [`KafkaLog::fetch_end`], which an idle read calls through `resume_position`.
+    fn read_partition(
+        &self,
+        from: LogPosition,
+        max: usize,
+        skip_idle: bool,
+    ) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
+        let failure = |source: KafkaError| ReadError {
+            position: from,
+            source: source.into(),
+        };
+        let Some(reader) = self.readers.get(from.partition as usize) else {
+            return Err(ReadError {
+                position: from,
+                source: "the topic has no such partition".into(),
+            });
+        };
+        let mut guard = reader.lock().expect("kafka reader lock is not poisoned");
+        let Reader { consumer, cursor } = &mut *guard;
+        let wanted = from.offset as i64;
+        let fresh = *cursor != Some(wanted);
+        if fresh {
+            let partition = from.partition as i32;
+            let mut assignment = TopicPartitionList::new();
+            assignment
+                .add_partition_offset(&self.config.topic, partition, Offset::Offset(wanted))
+                .map_err(failure)?;
+            consumer.assign(&assignment).map_err(failure)?;
+            *cursor = Some(wanted);
+        }
+        let idle = skip_idle
+            && self.config.partitions > 1
+            && !fresh
+            && from.offset >= self.end.borrow().get(from.partition);
+        let mut entries = Vec::new();
+        // A fresh assignment returns records to its first poll only after a fetch round trip, so an empty
+        // poll then means "not yet", not "nothing there": keep polling until a record or the
+        // end of the partition shows up, within a bound.
+        let started = std::time::Instant::now();
+        let mut heard_back = false;
+        while entries.len() < max {
+            // Once records arrived, return with what the consumer has buffered rather than
+            // wait for more: a projector that waits here keeps every waiting write waiting.
+            let wait = if entries.is_empty() && !idle {
+                READ_POLL
+            } else {
+                Duration::ZERO
+            };
+            match consumer.poll(wait) {
+                None if fresh && !heard_back && started.elapsed() < APPEND_TIMEOUT => continue,
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    // The end of the partition, past any transaction markers.
+                    break;
+                }
+                Some(Err(error)) => {
+                    *cursor = None;
+                    return Err(failure(error));
+                }
+                Some(Ok(message)) => {
+                    heard_back = true;
+                    let offset = message.offset();
+                    *cursor = Some(offset + 1);
+                    if offset < wanted {
+                        continue;
+                    }
+                    let bytes = message.payload().unwrap_or_default().to_vec();
+                    entries.push((
+                        LogPosition::new(from.partition, offset as u64),
+                        Envelope(bytes),
+                    ));
+                }
+            }
+        }
+        Ok(entries)
     }
 
     /// Returns the key or head topic when the cluster answers that it does not exist, after a
@@ -1027,70 +1110,7 @@ impl EventLog for KafkaLog {
         from: LogPosition,
         max: usize,
     ) -> Result<Vec<(LogPosition, Envelope)>, ReadError> {
-        let failure = |source: KafkaError| ReadError {
-            position: from,
-            source: source.into(),
-        };
-        let Some(reader) = self.readers.get(from.partition as usize) else {
-            return Err(ReadError {
-                position: from,
-                source: "the topic has no such partition".into(),
-            });
-        };
-        let mut guard = reader.lock().expect("kafka reader lock is not poisoned");
-        let Reader { consumer, cursor } = &mut *guard;
-        let wanted = from.offset as i64;
-        let fresh = *cursor != Some(wanted);
-        if fresh {
-            let partition = from.partition as i32;
-            let mut assignment = TopicPartitionList::new();
-            assignment
-                .add_partition_offset(&self.config.topic, partition, Offset::Offset(wanted))
-                .map_err(failure)?;
-            consumer.assign(&assignment).map_err(failure)?;
-            *cursor = Some(wanted);
-        }
-        let mut entries = Vec::new();
-        // A fresh assignment returns records to its first poll only after a fetch round trip, so an empty
-        // poll then means "not yet", not "nothing there": keep polling until a record or the
-        // end of the partition shows up, within a bound.
-        let started = std::time::Instant::now();
-        let mut heard_back = false;
-        while entries.len() < max {
-            // Once records arrived, return with what the consumer has buffered rather than
-            // wait for more: a projector that waits here keeps every waiting write waiting.
-            let wait = if entries.is_empty() {
-                READ_POLL
-            } else {
-                Duration::ZERO
-            };
-            match consumer.poll(wait) {
-                None if fresh && !heard_back && started.elapsed() < APPEND_TIMEOUT => continue,
-                None => break,
-                Some(Err(KafkaError::PartitionEOF(_))) => {
-                    // The end of the partition, past any transaction markers.
-                    break;
-                }
-                Some(Err(error)) => {
-                    *cursor = None;
-                    return Err(failure(error));
-                }
-                Some(Ok(message)) => {
-                    heard_back = true;
-                    let offset = message.offset();
-                    *cursor = Some(offset + 1);
-                    if offset < wanted {
-                        continue;
-                    }
-                    let bytes = message.payload().unwrap_or_default().to_vec();
-                    entries.push((
-                        LogPosition::new(from.partition, offset as u64),
-                        Envelope(bytes),
-                    ));
-                }
-            }
-        }
-        Ok(entries)
+        self.read_partition(from, max, true)
     }
 
     fn partitions(&self) -> u32 {
