@@ -162,9 +162,10 @@ pub fn rebuild_writer_state(log: &dyn EventLog, keys: &KeyStore) -> anyhow::Resu
                 }
                 let (header, payload, digest) = projector::open_envelope(keys, *at, envelope)
                     .with_context(|| format!("replaying log entry {at} at start-up"))?;
-                if partition_of(header.chart_id, partitions) != partition {
+                let home = partition_of(header.chart_id, partitions);
+                if home != partition {
                     anyhow::bail!(
-                        "log entry {at} belongs to chart {}, whose events go to another of the {partitions} partitions: the topic's partitions changed after it was written",
+                        "log entry {at} belongs to chart {}, whose events go to partition {home} of {partitions}: it was written there by something other than Chartlog's writer, or partitions were added to the topic after it was written; run chartlog-replay verify",
                         header.chart_id
                     );
                 }
@@ -382,6 +383,16 @@ impl Node {
         if projection.cleared_for_rebuild() {
             tracing::warn!(
                 "the chart projection was written in an earlier layout; it was cleared and is rebuilt from the log"
+            );
+        }
+        let log_name = match &config.kafka {
+            None => "embedded".to_owned(),
+            Some(kafka) => format!("kafka {} {}", kafka.topic, kafka.partitions),
+        };
+        if projection.bind_log(&log_name)? {
+            tracing::warn!(
+                log = %log_name,
+                "the chart projection was built from another log; it was cleared and is rebuilt from this one"
             );
         }
         let applied = Frontier::from_offsets(projection.positions(log.partitions())?);

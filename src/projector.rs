@@ -13,7 +13,7 @@ use chartlog_schemas::{ChartAccessed, Envelope, EventHeader, EventPayload, Event
 use tokio::sync::watch;
 
 use crate::crypto::{self, KeyStore};
-use crate::log::{EventLog, Frontier, LogPosition};
+use crate::log::{partition_of, EventLog, Frontier, LogPosition};
 
 /// Number of log entries read and applied in one projection write.
 const APPLY_BATCH: usize = 1024;
@@ -42,7 +42,20 @@ pub enum ProjectError {
         #[source]
         source: crypto::KeyStoreError,
     },
-    /// The projection's storage failed.
+    /// An entry sits in another partition than its chart's, as a record written to the topic
+    /// by something other than Chartlog's writer would.
+    #[error(
+        "log entry {position} belongs to chart {chart_id}, whose events go to partition {home}"
+    )]
+    Misplaced {
+        /// Position of the entry.
+        position: LogPosition,
+        /// Its chart.
+        chart_id: chartlog_schemas::ChartId,
+        /// The chart's partition.
+        home: u32,
+    },
+    /// The projection's storage failed, or an entry does not continue its chart.
     #[error(transparent)]
     Projection(#[from] chartlog_projections::ProjectionError),
 }
@@ -180,6 +193,14 @@ pub fn apply_next(
                 source: source.into(),
             }
         })?;
+        let home = partition_of(parsed.header.chart_id, log.partitions());
+        if home != partition {
+            return Err(ProjectError::Misplaced {
+                position: *position,
+                chart_id: parsed.header.chart_id,
+                home,
+            });
+        }
         if parsed.header.event_type == EventType::ChartAccessed {
             let placeholder = EventPayload::ChartAccessed(ChartAccessed {
                 interaction: String::new(),

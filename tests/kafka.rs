@@ -487,14 +487,16 @@ async fn charts_spread_over_partitions_keep_order_and_state() {
         "verify read a topic of three partitions as one: {output}"
     );
     assert!(
-        output.contains("has 3 partitions but 1 are configured"),
+        output.contains("has 3 partitions but the configuration names 1"),
         "{output}"
     );
 
     // Into one embedded log, merged in recorded order, and out again into a new topic of
     // three partitions: each partition holds the same records in the same order.
+    // The target holds the node's key files but none of the charts' data keys: the copy
+    // brings them from the key topic.
     let embedded = tempfile::tempdir().unwrap();
-    copy_tree(&source.path().join("keys"), &embedded.path().join("keys"));
+    copy_key_files(&source.path().join("keys"), &embedded.path().join("keys"));
     let (copied, output) = replay_on(
         &["copy", "--direction", "from-kafka"],
         embedded.path(),
@@ -502,6 +504,22 @@ async fn charts_spread_over_partitions_keep_order_and_state() {
         PARTITIONS,
     );
     assert!(copied, "{output}");
+
+    // Copying out of a directory whose key store lacks the data keys is refused.
+    let keyless = tempfile::tempdir().unwrap();
+    copy_key_files(&source.path().join("keys"), &keyless.path().join("keys"));
+    copy_tree(&embedded.path().join("log"), &keyless.path().join("log"));
+    let (copied, output) = replay_on(
+        &["copy", "--direction", "to-kafka"],
+        keyless.path(),
+        &format!("{}-keyless", kafka.topic),
+        PARTITIONS,
+    );
+    assert!(!copied, "a copy without the data keys succeeded: {output}");
+    assert!(
+        output.contains("is missing from this directory's key store"),
+        "{output}"
+    );
     let (verified, output) = replay(&["verify"], embedded.path(), &kafka.topic);
     assert!(
         verified,
@@ -556,6 +574,18 @@ async fn charts_spread_over_partitions_keep_order_and_state() {
         output.contains(&format!(
             "the chart's events belong in partition {home} of 3"
         )),
+        "{output}"
+    );
+    // A projection rebuilt from it stops there rather than taking the event in twice.
+    let (rebuilt, output) = replay_on(
+        &["rebuild", "--log-backend", "kafka"],
+        source.path(),
+        &kafka.topic,
+        PARTITIONS,
+    );
+    assert!(!rebuilt, "rebuild took in a misplaced event: {output}");
+    assert!(
+        output.contains(&format!("whose events go to partition {home}")),
         "{output}"
     );
 }
@@ -1425,6 +1455,46 @@ async fn owner_and_standby(kafka: &chartlog::log::KafkaConfig) -> (TestNode, Tes
         "the standby never projected the first chart"
     );
     (first, second)
+}
+
+/// Returns the node's role in the owner group as `/health` gives it.
+async fn role(node: &TestNode) -> String {
+    let health = node.call(Method::GET, "/health", None, None, &[]).await;
+    health.json["log"]["ownership"]["role"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn joining_standby_leaves_a_partitioned_log_with_its_owner() {
+    let mut kafka =
+        common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    kafka.partitions = 3;
+    let (first, second) = owner_and_standby(&kafka).await;
+    assert_eq!(
+        role(&first).await,
+        "owner",
+        "the joining standby took the log"
+    );
+    assert_eq!(role(&second).await, "standby");
+    // A restarted standby rejoins without moving the log either.
+    let (second_dir, _) = second.stop().await;
+    let second =
+        TestNode::start_at(second_dir, Some(kafka.clone()), "http://second.test/fhir").await;
+    assert_eq!(
+        role(&second).await,
+        "standby",
+        "the restarted standby took the log"
+    );
+    assert_eq!(role(&first).await, "owner");
+    let reply = first
+        .post(
+            "/fhir/Patient",
+            &patient("Still", "Owner", "1960-01-01").to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `!layout` | version of this key layout, 4 bytes big-endian |
+//! | `!log` | the log the positions belong to, as text: `embedded`, or `kafka`, topic and partition count |
 //! | `!position` | next offset of partition 0 to apply, 8 bytes big-endian |
 //! | `!position` partition | next offset of a later partition (4 bytes big-endian) to apply |
 //! | `v` type `\0` id `\0` version | [`VersionRecord`] |
@@ -15,12 +16,14 @@
 //! | `m` chart id, type `\0` id | empty: resources of a chart that are not deleted |
 //! | `p` patient id | chart id |
 //! | `a` chart id, offset | envelope of a chart-accessed event: the chart's access log |
+//! | `s` chart id | sequence number of the chart's last event applied, 8 bytes big-endian |
 //!
 //! A chart's events are all in one partition of the log, so the chart-keyed indexes use the
 //! offset in it. The type history spans charts and so partitions; it is ordered by the
 //! events' timestamps, which one writer issues in increasing order, then by partition and
 //! offset. A projection of an earlier layout is cleared when opened and rebuilt from the log.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use chartlog_schemas::{ChartId, ChartKind, EventPayload, HlcTimestamp};
@@ -30,9 +33,10 @@ use crate::ProjectedEvent;
 
 const POSITION_KEY: &[u8] = b"!position";
 const LAYOUT_KEY: &[u8] = b"!layout";
+const LOG_KEY: &[u8] = b"!log";
 
 /// Version of the key layout. Projections of another version are cleared and rebuilt.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
 
 /// Returns the key of the next offset to apply in `partition`.
 fn position_key(partition: u32) -> Vec<u8> {
@@ -78,6 +82,20 @@ pub enum ProjectionError {
         expected: u64,
         /// Position it was given.
         received: u64,
+    },
+    /// An event does not continue its chart: a replayed or reordered record on the log.
+    #[error("log entry at offset {offset} of partition {partition} has sequence number {found} in chart {chart_id}, which expected {expected}")]
+    OutOfSequence {
+        /// Partition of the entry.
+        partition: u32,
+        /// Offset of the entry.
+        offset: u64,
+        /// Its chart.
+        chart_id: ChartId,
+        /// The sequence number the chart continues with.
+        expected: u64,
+        /// The entry's sequence number.
+        found: u64,
     },
     /// A stored record does not decode.
     #[error("chart projection record under key prefix {prefix:?} is corrupt")]
@@ -225,18 +243,53 @@ impl ChartProjection {
         if stored.as_deref() == Some(LAYOUT.to_be_bytes().as_slice()) {
             return Ok(false);
         }
+        let empty = !self.has_state()?;
+        self.clear(None)?;
+        Ok(!empty)
+    }
+
+    /// Returns whether the projection contains anything beyond its layout and log keys.
+    fn has_state(&self) -> Result<bool, ProjectionError> {
         let mut iterator = self.db.raw_iterator();
         iterator.seek_to_first();
-        let empty = iterator.key().is_none();
-        iterator.status().map_err(self.storage())?;
-        let mut batch = rocksdb::WriteBatch::default();
-        if !empty {
-            // Every key begins with a printable byte, so this range contains them all.
-            batch.delete_range(&[0u8][..], &[0xffu8; 8][..]);
+        while let Some(key) = iterator.key() {
+            if key != LAYOUT_KEY && key != LOG_KEY {
+                return Ok(true);
+            }
+            iterator.next();
         }
+        iterator.status().map_err(self.storage())?;
+        Ok(false)
+    }
+
+    /// Deletes everything and writes the current layout and, when given, the log.
+    fn clear(&self, log: Option<&str>) -> Result<(), ProjectionError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        // Every key begins with a printable byte, so this range contains them all.
+        batch.delete_range(&[0u8][..], &[0xffu8; 8][..]);
         batch.put(LAYOUT_KEY, LAYOUT.to_be_bytes());
-        self.db.write(batch).map_err(self.storage())?;
-        Ok(!empty)
+        if let Some(log) = log {
+            batch.put(LOG_KEY, log.as_bytes());
+        }
+        self.db.write(batch).map_err(self.storage())
+    }
+
+    /// Records which log the projection's positions belong to: `embedded`, or `kafka`, the
+    /// topic and its partition count. A projection built from another log is cleared, so that
+    /// it is rebuilt from this one, since its positions mean nothing here. Returns whether it
+    /// was cleared.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError::Storage`] when the projection cannot be read or written.
+    pub fn bind_log(&self, log: &str) -> Result<bool, ProjectionError> {
+        let stored = self.db.get(LOG_KEY).map_err(self.storage())?;
+        if stored.as_deref() == Some(log.as_bytes()) {
+            return Ok(false);
+        }
+        let cleared = self.has_state()?;
+        self.clear(Some(log))?;
+        Ok(cleared)
     }
 
     /// Reads the next log position of the projection at `path` without opening it for
@@ -344,6 +397,8 @@ impl ChartProjection {
         let stored = self.position(partition)?;
         let mut expected = stored;
         let mut batch = rocksdb::WriteBatch::default();
+        // Each chart's last sequence number as this batch leaves it.
+        let mut chart_ends: HashMap<ChartId, u64> = HashMap::new();
         for event in events {
             if event.position < expected {
                 continue;
@@ -354,8 +409,26 @@ impl ChartProjection {
                     received: event.position,
                 });
             }
+            let chart_id = event.header.chart_id;
+            let last = match chart_ends.get(&chart_id) {
+                Some(last) => *last,
+                None => self.chart_end(chart_id)?,
+            };
+            if event.header.seq.0 != last + 1 {
+                return Err(ProjectionError::OutOfSequence {
+                    partition,
+                    offset: event.position,
+                    chart_id,
+                    expected: last + 1,
+                    found: event.header.seq.0,
+                });
+            }
+            chart_ends.insert(chart_id, event.header.seq.0);
             self.stage(&mut batch, partition, event);
             expected = event.position + 1;
+        }
+        for (chart_id, seq) in chart_ends {
+            batch.put(chart_prefix(b's', chart_id), seq.to_be_bytes());
         }
         let next = resume.map_or(expected, |resume| resume.max(expected));
         if next == stored && batch.is_empty() {
@@ -445,6 +518,21 @@ impl ChartProjection {
         } else {
             batch.put(member, []);
         }
+    }
+
+    /// Returns the sequence number of a chart's last applied event; 0 for a chart not seen.
+    fn chart_end(&self, chart_id: ChartId) -> Result<u64, ProjectionError> {
+        let stored = self
+            .db
+            .get(chart_prefix(b's', chart_id))
+            .map_err(self.storage())?;
+        stored.map_or(Ok(0), |bytes| {
+            let raw: [u8; 8] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| ProjectionError::Corrupt { prefix: 's' })?;
+            Ok(u64::from_be_bytes(raw))
+        })
     }
 
     /// Returns one version of a resource.
@@ -1009,6 +1097,60 @@ mod tests {
                 .unwrap(),
             5
         );
+    }
+
+    #[test]
+    fn replayed_event_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        let chart = ChartId::random();
+        let events = sample_events(chart);
+        apply_all(&projection, &events[..3], 0);
+        let before = projection.dump().unwrap();
+        // The chart's second event once more, at the next offset: a record copied on the log.
+        let replayed = [ProjectedEvent {
+            position: 3,
+            header: &events[1].0,
+            payload: &events[1].1,
+            envelope: b"sealed",
+        }];
+        let error = projection.apply(&replayed).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ProjectionError::OutOfSequence {
+                    expected: 4,
+                    found: 2,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            projection.dump().unwrap(),
+            before,
+            "the replayed event was applied"
+        );
+    }
+
+    #[test]
+    fn projection_of_another_log_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        assert!(!projection.bind_log("kafka chartlog.events 3").unwrap());
+        apply_all(&projection, &sample_events(ChartId::random()), 0);
+        assert!(!projection.bind_log("kafka chartlog.events 3").unwrap());
+        assert_eq!(
+            projection.position(0).unwrap(),
+            5,
+            "the same log keeps its projection"
+        );
+        assert!(projection.bind_log("embedded").unwrap());
+        assert_eq!(projection.position(0).unwrap(), 0);
+        assert!(projection
+            .current("Observation", "obs-1")
+            .unwrap()
+            .is_none());
     }
 
     #[test]

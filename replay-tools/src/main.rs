@@ -357,6 +357,7 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
     let runtime = runtime()?;
     let settings = kafka_settings()?;
     let started = Instant::now();
+    let keys: std::sync::Arc<KeyStore>;
     let (source, target): (Box<dyn EventLog>, Box<dyn EventLog>) = match direction {
         "to-kafka" => {
             let source = EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
@@ -367,17 +368,34 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
             })?;
             // The copied events' data keys go to the key topic with them, so every node on
             // the topic can open them.
-            let keys = open_keys(data, None, None)?;
+            keys = std::sync::Arc::new(open_keys(data, None, None)?);
             let key_topic = runtime
                 .block_on(KeyTopic::open(&settings, true))
                 .context("cannot open the key topic")?;
             let mut target = runtime
                 .block_on(KafkaLog::open(settings))
                 .context("cannot open the Kafka log")?;
-            target.attach_keys(std::sync::Arc::new(keys), key_topic);
+            target.attach_keys(keys.clone(), key_topic);
             (Box::new(source), Box::new(target))
         }
         "from-kafka" => {
+            // The copied events' data keys come from the key topic into this directory's key
+            // store, so the embedded copy can be read without the cluster.
+            let paths = KeyPaths::under(data, None);
+            if !paths.kek_file.exists() || !paths.signing_key().exists() {
+                anyhow::bail!(
+                    "{} lacks a node's key files; copying from Kafka needs keys/kek.key and keys/node-signing.key there to store the charts' data keys",
+                    data.display()
+                );
+            }
+            // Both key files exist, so opening creates the data key database alone.
+            let (store, _) = KeyStore::open(&paths, true)
+                .with_context(|| format!("cannot open the key store of {}", data.display()))?;
+            let key_topic = runtime
+                .block_on(KeyTopic::open(&settings, false))
+                .context("cannot open the key topic")?;
+            store.set_source(key_topic);
+            keys = std::sync::Arc::new(store);
             let source = runtime
                 .block_on(KafkaLog::open_reader(settings))
                 .context("cannot open the Kafka log")?;
@@ -402,6 +420,21 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
         if envelopes.is_empty() {
             break;
         }
+        // A copy whose data keys stay behind could be read by no one.
+        for envelope in &envelopes {
+            let Ok(parsed) = chartlog_schemas::envelope::parse(&envelope.0) else {
+                continue;
+            };
+            let header = &parsed.header;
+            keys.data_key(header.key_id).with_context(|| {
+                format!(
+                    "the data key {} of chart {} is missing from {}, so the copy could not be read; copy from a data directory that holds every chart's data key",
+                    header.key_id,
+                    header.chart_id,
+                    if direction == "to-kafka" { "this directory's key store" } else { "the key topic" },
+                )
+            })?;
+        }
         // The target places each envelope in its chart's partition.
         target
             .append_batch(&envelopes)
@@ -425,14 +458,22 @@ struct MergedReader<'a> {
     /// Per partition: entries read and not yet given, each with its timestamp, and the next
     /// position to read.
     buffers: Vec<(VecDeque<(HlcTimestamp, Envelope)>, LogPosition)>,
+    /// Per partition, whether a read found nothing more: the copy runs with no writer, so
+    /// the partition is not read again.
+    exhausted: Vec<bool>,
 }
 
 impl<'a> MergedReader<'a> {
     fn new(log: &'a dyn EventLog) -> MergedReader<'a> {
-        let buffers = (0..log.partitions())
+        let buffers: Vec<_> = (0..log.partitions())
             .map(|partition| (VecDeque::new(), LogPosition::new(partition, 0)))
             .collect();
-        MergedReader { log, buffers }
+        let exhausted = vec![false; log.partitions() as usize];
+        MergedReader {
+            log,
+            buffers,
+            exhausted,
+        }
     }
 
     /// Returns up to `max` envelopes, the earliest first; none once every partition is read.
@@ -442,8 +483,10 @@ impl<'a> MergedReader<'a> {
             let mut earliest: Option<(usize, HlcTimestamp)> = None;
             for index in 0..self.buffers.len() {
                 let (buffer, next) = &mut self.buffers[index];
-                if buffer.is_empty() {
-                    for (position, envelope) in self.log.read_from(*next, COPY_BATCH)? {
+                if buffer.is_empty() && !self.exhausted[index] {
+                    let entries = self.log.read_from(*next, COPY_BATCH)?;
+                    self.exhausted[index] = entries.is_empty();
+                    for (position, envelope) in entries {
                         *next = position.next();
                         // Bytes that are not an envelope sort first; verify reports them.
                         let recorded_at = chartlog_schemas::envelope::parse(&envelope.0)
@@ -480,6 +523,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
         url: None,
     };
     let runtime = runtime()?;
+    let mut log_name = "embedded".to_owned();
     let log: Box<dyn EventLog> = match backend {
         // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
         "embedded" => Box::new(
@@ -498,6 +542,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
                 .block_on(KeyTopic::open(&settings, false))
                 .context("cannot open the key topic")?;
             keys.set_source(key_topic);
+            log_name = format!("kafka {} {}", settings.topic, settings.partitions);
             Box::new(
                 runtime
                     .block_on(KafkaLog::open_reader(settings))
@@ -514,6 +559,8 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
     }
     let projection = chartlog_projections::ChartProjection::open(&projection_dir)
         .context("cannot create the chart projection; is the server still running?")?;
+    // A server started on this directory then keeps the rebuilt projection.
+    projection.bind_log(&log_name)?;
     for partition in 0..log.partitions() {
         while chartlog::projector::apply_next(log.as_ref(), &keys, &projection, partition)?
             .is_some()

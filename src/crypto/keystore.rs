@@ -138,7 +138,8 @@ impl KeyPaths {
         }
     }
 
-    fn signing_key(&self) -> PathBuf {
+    /// Returns the path of the node's signing key.
+    pub fn signing_key(&self) -> PathBuf {
         self.dir.join("node-signing.key")
     }
 

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use super::access_topic::access_topic_name;
 use super::head_topic::{encode_head, head_topic_name, read_heads, HEAD_PARTITION};
 use super::key_topic::{key_topic_name, KeyTopic, KEY_PARTITION};
+use super::ownership::lease_topic_name;
 use super::{partition_of, AppendError, EventLog, Frontier, LogPosition, ReadError, RecordedHead};
 use crate::crypto::KeyStore;
 use chartlog_schemas::KeyId;
@@ -208,7 +209,7 @@ pub enum KafkaOpenError {
     },
     /// The topic has another number of partitions than configured. Charts are placed by
     /// their id and the count, so reading or writing it with another count would lose charts.
-    #[error("topic {topic} has {count} partitions but {configured} are configured; set CHARTLOG_KAFKA_PARTITIONS (or kafka.partitions) to {count}, since partitions added to a topic would move its charts")]
+    #[error("topic {topic} has {count} partitions but the configuration names {configured}; set CHARTLOG_KAFKA_PARTITIONS (or kafka.partitions) to the count the topic was created with, and if partitions were added to it after charts were written, copy it into a new topic with chartlog-replay copy")]
     Partitions {
         /// Topic name.
         topic: String,
@@ -376,6 +377,10 @@ impl KafkaLog {
     /// As [`KafkaLog::open`].
     pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
         ensure_topic(&config, &config.topic, config.partitions, "delete").await?;
+        let lease_topic = lease_topic_name(&config.topic, config.partitions);
+        if lease_topic != config.topic {
+            ensure_topic(&config, &lease_topic, 1, "delete").await?;
+        }
         let heads_created =
             ensure_topic(&config, &head_topic_name(&config.topic), 1, "compact").await?;
         let log = Self::connect(config, false).await?;
@@ -1149,11 +1154,16 @@ impl EventLog for KafkaLog {
         // The topics beside the log were there when the log was opened; a key or head topic
         // deleted since would stop every append, and the loss of the head topic would go
         // unnoticed by the head check. The access topic only carries accesses in transit.
-        for (name, policy) in [
+        let mut side_topics = vec![
             (key_topic_name(&self.config.topic), "compact"),
             (head_topic_name(&self.config.topic), "compact"),
             (access_topic_name(&self.config.topic), "delete"),
-        ] {
+        ];
+        let lease_topic = lease_topic_name(&self.config.topic, self.config.partitions);
+        if lease_topic != self.config.topic {
+            side_topics.push((lease_topic, "delete"));
+        }
+        for (name, policy) in side_topics {
             let created = self
                 .runtime
                 .block_on(ensure_topic(&self.config, &name, 1, policy))

@@ -196,6 +196,7 @@ impl Ownership {
         writer: WeakWriter,
     ) -> Result<Ownership, KafkaOpenError> {
         let group = group_name(&config.topic);
+        let lease_topic = lease_topic_name(&config.topic, config.partitions);
         let mut client = config.client_config();
         client
             .set("group.id", &group)
@@ -211,7 +212,7 @@ impl Ownership {
         }
         let failure = Arc::new(Mutex::new(None));
         let context = OwnerContext {
-            topic: config.topic.clone(),
+            topic: lease_topic.clone(),
             partition,
             log: log.clone(),
             assignment: Mutex::new(Assignment::default()),
@@ -225,7 +226,7 @@ impl Ownership {
                     source,
                 })?;
         consumer
-            .subscribe(&[&config.topic])
+            .subscribe(&[&lease_topic])
             .map_err(|source| KafkaOpenError::Client {
                 action: "group subscription",
                 source,
@@ -237,7 +238,7 @@ impl Ownership {
         let member = Member {
             consumer,
             group,
-            topic: config.topic.clone(),
+            topic: lease_topic,
             partition,
             log,
             writer,
@@ -309,6 +310,18 @@ impl Drop for Ownership {
 /// Returns the consumer group whose assignment decides the owner of `topic`.
 pub fn group_name(topic: &str) -> String {
     format!("chartlog-owners.{topic}")
+}
+
+/// Returns the topic whose partition 0 the owner group assigns to the node that writes the
+/// log: the event topic itself when it has one partition, and otherwise the topic
+/// `TOPIC.owner` of one partition and no records. The group spreads a topic's partitions over
+/// its members, so with several it would move partition 0, and the log, to a joining node.
+pub fn lease_topic_name(topic: &str, partitions: u32) -> String {
+    if partitions > 1 {
+        format!("{topic}.owner")
+    } else {
+        topic.to_owned()
+    }
 }
 
 struct Member {
