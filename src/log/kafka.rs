@@ -697,15 +697,6 @@ impl KafkaLog {
                     // The end of the partition, past any transaction markers.
                     break;
                 }
-                // The reader's group id makes its client queue connection errors, which can
-                // date from an outage that is over; the client reconnects and fetches again by
-                // itself. What was read is returned, and an empty read continues, within the
-                // bounds above.
-                Some(Err(error)) if is_connection_error(&error) => {
-                    if !entries.is_empty() {
-                        break;
-                    }
-                }
                 Some(Err(error)) => {
                     *cursor = None;
                     return Err(failure(error));
