@@ -385,10 +385,7 @@ impl Node {
                 "the chart projection was written in an earlier layout; it was cleared and is rebuilt from the log"
             );
         }
-        let log_name = match &config.kafka {
-            None => "embedded".to_owned(),
-            Some(kafka) => format!("kafka {} {}", kafka.topic, kafka.partitions),
-        };
+        let log_name = crate::log::log_name(config.kafka.as_ref());
         if projection.bind_log(&log_name)? {
             tracing::warn!(
                 log = %log_name,

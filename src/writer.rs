@@ -576,7 +576,7 @@ fn answer_all(
 ) {
     // Events of one batch become visible together, so waiting for the batch's events up to a
     // command's last covers the command's own. Commands come in batch order, so the frontier
-    // of the events up to each one's last grows as the commands are answered.
+    // of the events up to each one's last grows from one reply to the next.
     let mut so_far = Frontier::default();
     let mut counted = 0;
     for command in accepted {

@@ -953,11 +953,9 @@ async fn rebuilt_projection_matches_live_one() {
 
     let rebuilt_dir = tempfile::tempdir().unwrap();
     let rebuilt = chartlog_projections::ChartProjection::open(rebuilt_dir.path()).unwrap();
-    let log_name = match &node.kafka {
-        None => "embedded".to_owned(),
-        Some(kafka) => format!("kafka {} {}", kafka.topic, kafka.partitions),
-    };
-    rebuilt.bind_log(&log_name).unwrap();
+    rebuilt
+        .bind_log(&chartlog::log::log_name(node.kafka.as_ref()))
+        .unwrap();
     for partition in 0..node.node.log.partitions() {
         while chartlog::projector::apply_next(
             node.node.log.as_ref(),

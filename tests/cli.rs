@@ -178,7 +178,7 @@ fn usage_error_is_one_line() {
 }
 
 #[test]
-fn unreadable_kafka_counts_are_refused() {
+fn invalid_kafka_counts_rejected() {
     for (variable, value) in [
         ("CHARTLOG_KAFKA_REPLICATION_FACTOR", "three"),
         ("CHARTLOG_KAFKA_PARTITIONS", "0"),

@@ -492,8 +492,8 @@ async fn charts_spread_over_partitions_keep_order_and_state() {
     );
 
     // Into one embedded log, merged in recorded order, and out again into a new topic of
-    // three partitions: each partition holds the same records in the same order.
-    // The target holds the node's key files but none of the charts' data keys: the copy
+    // three partitions: each partition contains the same records in the same order.
+    // The target has the node's key files but none of the charts' data keys, so the copy
     // brings them from the key topic.
     let embedded = tempfile::tempdir().unwrap();
     copy_key_files(&source.path().join("keys"), &embedded.path().join("keys"));
@@ -846,7 +846,7 @@ async fn standby_with_the_owners_url_does_not_redirect() {
         reply.text
     );
     assert_eq!(reply.header("location"), None);
-    // `/health` says so rather than reporting a standby that works.
+    // `/health` reports the misconfiguration rather than a working standby.
     let health = second.call(Method::GET, "/health", None, None, &[]).await;
     assert_eq!(
         health.status,
@@ -1467,7 +1467,7 @@ async fn role(node: &TestNode) -> String {
 }
 
 #[tokio::test]
-async fn joining_standby_leaves_a_partitioned_log_with_its_owner() {
+async fn standby_join_keeps_partitioned_owner() {
     let mut kafka =
         common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     kafka.partitions = 3;

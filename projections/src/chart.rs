@@ -19,7 +19,7 @@
 //! | `s` chart id | sequence number of the chart's last event applied, 8 bytes big-endian |
 //!
 //! A chart's events are all in one partition of the log, so the chart-keyed indexes use the
-//! offset in it. The type history spans charts and so partitions; it is ordered by the
+//! offset in it. The type history spans charts and so partitions. It is ordered by the
 //! events' timestamps, which one writer issues in increasing order, then by partition and
 //! offset. A projection of an earlier layout is cleared when opened and rebuilt from the log.
 
@@ -236,8 +236,8 @@ impl ChartProjection {
         self.cleared
     }
 
-    /// Returns whether the projection was written in another key layout than this code's; it
-    /// is then empty, having been cleared to be rebuilt from the log.
+    /// Returns whether the projection was written in another key layout than this code's. Such
+    /// a projection is cleared, so that it is rebuilt from the log.
     fn settle_layout(&self) -> Result<bool, ProjectionError> {
         let stored = self.db.get(LAYOUT_KEY).map_err(self.storage())?;
         if stored.as_deref() == Some(LAYOUT.to_be_bytes().as_slice()) {
@@ -380,7 +380,7 @@ impl ChartProjection {
 
     /// Applies events of one partition and moves its position past them, or to `resume` when
     /// that is further, in one atomic write. With `dense`, offsets must follow each other
-    /// without holes, as on the embedded log; without it they need only increase, as on Kafka,
+    /// without holes, as on the embedded log. Without it they need only increase, as on Kafka,
     /// where transaction markers take offsets of their own.
     ///
     /// # Errors

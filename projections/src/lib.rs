@@ -21,7 +21,7 @@ pub use chart::{ChartProjection, ProjectionError, VersionRecord};
 /// One log entry as a projection sees it: its position, the checked header, the decrypted
 /// payload and the stored envelope bytes.
 pub struct ProjectedEvent<'a> {
-    /// Position of the entry in the log (0 for the first entry).
+    /// Offset of the entry in its partition of the log (0 for the first entry).
     pub position: u64,
     /// The clear header.
     pub header: &'a EventHeader,

@@ -507,7 +507,7 @@ impl<'a> MergedReader<'a> {
             let (_, envelope) = self.buffers[index]
                 .0
                 .pop_front()
-                .expect("the earliest buffer holds an entry");
+                .expect("the earliest buffer is not empty");
             batch.push(envelope);
         }
         Ok(batch)
@@ -523,7 +523,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
         url: None,
     };
     let runtime = runtime()?;
-    let mut log_name = "embedded".to_owned();
+    let mut log_name = chartlog::log::log_name(None);
     let log: Box<dyn EventLog> = match backend {
         // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
         "embedded" => Box::new(
@@ -542,7 +542,7 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
                 .block_on(KeyTopic::open(&settings, false))
                 .context("cannot open the key topic")?;
             keys.set_source(key_topic);
-            log_name = format!("kafka {} {}", settings.topic, settings.partitions);
+            log_name = chartlog::log::log_name(Some(&settings));
             Box::new(
                 runtime
                     .block_on(KafkaLog::open_reader(settings))

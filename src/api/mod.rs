@@ -442,7 +442,7 @@ async fn health(
         Some(Role::Undecided | Role::Standby { owner_url: None })
     );
     // An owner that publishes this node's own base URL cannot be redirected to, so this node
-    // answers writes with 503 as if it knew no owner.
+    // rejects writes with 503 as if no owner were known.
     let owner_has_own_url = matches!(
         &role,
         Some(Role::Standby { owner_url: Some(owner_url) })

@@ -422,8 +422,8 @@ impl KafkaLog {
         })?
     }
 
-    /// Builds the log around the reader of partition 0, creating the readers of the other
-    /// partitions; `end_of_topic` is the end of each partition as far as known.
+    /// Builds the log around the reader of partition 0 and creates the readers of the other
+    /// partitions. `end_of_topic` is the end of each partition as far as known.
     fn assemble(
         config: KafkaConfig,
         runtime: tokio::runtime::Handle,
@@ -653,6 +653,7 @@ impl KafkaLog {
             position: from,
             source: source.into(),
         };
+
         let Some(reader) = self.readers.get(from.partition as usize) else {
             return Err(ReadError {
                 position: from,
@@ -661,21 +662,23 @@ impl KafkaLog {
         };
         let mut guard = reader.lock().expect("kafka reader lock is not poisoned");
         let Reader { consumer, cursor } = &mut *guard;
-        let wanted = from.offset as i64;
-        let fresh = *cursor != Some(wanted);
+        let start = from.offset as i64;
+        let fresh = *cursor != Some(start);
         if fresh {
             let partition = from.partition as i32;
             let mut assignment = TopicPartitionList::new();
             assignment
-                .add_partition_offset(&self.config.topic, partition, Offset::Offset(wanted))
+                .add_partition_offset(&self.config.topic, partition, Offset::Offset(start))
                 .map_err(failure)?;
             consumer.assign(&assignment).map_err(failure)?;
-            *cursor = Some(wanted);
+            *cursor = Some(start);
         }
+
         let idle = skip_idle
             && self.config.partitions > 1
             && !fresh
             && from.offset >= self.end.borrow().get(from.partition);
+
         let mut entries = Vec::new();
         // A fresh assignment returns records to its first poll only after a fetch round trip, so an empty
         // poll then means "not yet", not "nothing there": keep polling until a record or the
@@ -705,7 +708,7 @@ impl KafkaLog {
                     heard_back = true;
                     let offset = message.offset();
                     *cursor = Some(offset + 1);
-                    if offset < wanted {
+                    if offset < start {
                         continue;
                     }
                     let bytes = message.payload().unwrap_or_default().to_vec();

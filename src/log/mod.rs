@@ -146,6 +146,15 @@ pub fn partition_of(chart_id: ChartId, partitions: u32) -> u32 {
     (u64::from_be_bytes(first) % u64::from(partitions)) as u32
 }
 
+/// Returns the name a projection records for the log its positions belong to: `embedded`, or
+/// `kafka`, the topic and its partition count.
+pub fn log_name(kafka: Option<&KafkaConfig>) -> String {
+    match kafka {
+        None => "embedded".to_owned(),
+        Some(kafka) => format!("kafka {} {}", kafka.topic, kafka.partitions),
+    }
+}
+
 /// Error from appending to the log.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {

@@ -316,6 +316,9 @@ pub fn group_name(topic: &str) -> String {
 /// log: the event topic itself when it has one partition, and otherwise the topic
 /// `TOPIC.owner` of one partition and no records. The group spreads a topic's partitions over
 /// its members, so with several it would move partition 0, and the log, to a joining node.
+///
+/// NOTE: a lease topic deleted while nodes run leaves no member assigned, so no node writes
+/// until one restarts and creates it again.
 pub fn lease_topic_name(topic: &str, partitions: u32) -> String {
     if partitions > 1 {
         format!("{topic}.owner")
