@@ -179,9 +179,22 @@ fn usage_error_is_one_line() {
 
 #[test]
 fn invalid_kafka_counts_rejected() {
-    for (variable, value) in [
-        ("CHARTLOG_KAFKA_REPLICATION_FACTOR", "three"),
-        ("CHARTLOG_KAFKA_PARTITIONS", "0"),
+    for (variable, value, expected) in [
+        (
+            "CHARTLOG_KAFKA_REPLICATION_FACTOR",
+            "three",
+            "CHARTLOG_KAFKA_REPLICATION_FACTOR must be a positive whole number",
+        ),
+        (
+            "CHARTLOG_KAFKA_PARTITIONS",
+            "0",
+            "CHARTLOG_KAFKA_PARTITIONS must be a positive whole number",
+        ),
+        (
+            "CHARTLOG_KAFKA_PARTITIONS",
+            "1000000",
+            "CHARTLOG_KAFKA_PARTITIONS) must be a whole number from 1 to 100000",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let message = run_failing(
@@ -192,10 +205,7 @@ fn invalid_kafka_counts_rejected() {
                 .env(variable, value),
         );
         assert_eq!(message.lines().count(), 1, "{message}");
-        assert!(
-            message.contains(&format!("{variable} must be a positive whole number")),
-            "{message}"
-        );
+        assert!(message.contains(expected), "{message}");
     }
 }
 

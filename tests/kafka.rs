@@ -1498,6 +1498,44 @@ async fn standby_join_keeps_partitioned_owner() {
 }
 
 #[tokio::test]
+async fn deleted_lease_topic_is_restored() {
+    let mut kafka =
+        common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    kafka.partitions = 3;
+    // The group notices a deleted topic at its next metadata refresh, every 300,000 ms by
+    // default (librdkafka's CONFIGURATION.md).
+    kafka
+        .properties
+        .insert("topic.metadata.refresh.interval.ms".into(), "2000".into());
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    let patient_id = node.create(&patient("Lost", "Lease", "1966-06-06")).await;
+
+    let lease = chartlog::log::ownership::lease_topic_name(&kafka.topic, kafka.partitions);
+    delete_topics(&kafka, &[&lease]).await;
+    // With its topic gone the group assigns the lease to no member, so the node stops writing.
+    let released = eventually(Duration::from_secs(60), || async {
+        (role(&node).await != "owner").then_some(())
+    })
+    .await;
+    assert!(
+        released.is_some(),
+        "the node kept writing without its lease"
+    );
+    // It creates the topic again and takes the log back, without a restart.
+    let resumed = eventually(Duration::from_secs(90), || async {
+        let reply = post_weight(&node, &patient_id, "66.0", "2024-06-06T00:00:00Z").await;
+        (reply.status == StatusCode::CREATED).then_some(())
+    })
+    .await;
+    assert!(
+        resumed.is_some(),
+        "writes did not resume after the lease topic was deleted"
+    );
+    assert_eq!(role(&node).await, "owner");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn standby_follows_recreated_key_topic() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let (first, second) = owner_and_standby(&kafka).await;
@@ -1654,6 +1692,45 @@ async fn key_catch_up_survives_past_outages() {
         "an error queued during the outage failed the catch-up: {caught_up:?}"
     );
     assert!(reader.data_key(second).is_ok());
+}
+
+#[tokio::test]
+async fn event_reads_survive_past_outages() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    node.create(&patient("Past", "Outage", "1961-06-06")).await;
+    node.stop().await;
+
+    let log = KafkaLog::open_reader(kafka).await.unwrap();
+    let start = chartlog::log::LogPosition::new(0, 0);
+    let read = |log: std::sync::Arc<KafkaLog>| async move {
+        tokio::task::spawn_blocking(move || log.read_from(start, 100).map(|entries| entries.len()))
+            .await
+            .unwrap()
+    };
+    let log = std::sync::Arc::new(log);
+    let before = read(log.clone()).await.unwrap();
+    assert!(before >= 2, "the patient's chart was not on the log");
+
+    // While the broker is away the idle reader's client queues connection errors, as the
+    // writer's reader does between a node's start and a take-over.
+    let broker = StoppedBroker::stop();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    broker.start();
+    // A take-over reads the whole log again, so the first read after the outage must not fail
+    // on an error the client queued before the broker came back.
+    let after = read(log.clone()).await;
+    assert_eq!(
+        after.as_ref().ok(),
+        Some(&before),
+        "the read after the outage: {after:?}"
+    );
+
+    // During an outage a read still fails rather than return nothing, as if the log were empty.
+    let broker = StoppedBroker::stop();
+    let during = read(log.clone()).await;
+    broker.start();
+    assert!(during.is_err(), "a read during the outage: {during:?}");
 }
 
 #[tokio::test]

@@ -65,6 +65,15 @@ const ENVELOPE_MARGIN: usize = 64 * 1024;
 /// How long a read waits for records that are not there yet before returning what it has.
 const READ_POLL: Duration = Duration::from_millis(200);
 
+/// Largest partition count a topic can be created with: the range librdkafka's admin client
+/// accepts.
+const MAX_PARTITIONS: u32 = 100_000;
+
+/// Maximum queued connection errors one read skips after the broker replied to a watermark
+/// request. An outage leaves a few per broker connection, and the bound keeps a flapping
+/// connection from holding a read.
+const MAX_STALE_ERRORS: u32 = 16;
+
 /// Settings of the Kafka log. Client properties come from configuration, never from code.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,7 +149,10 @@ impl KafkaConfig {
         };
         let count = |name: &'static str, value: &str| match value.trim().parse::<i32>() {
             Ok(count) if count > 0 => Ok(count),
-            _ => Err(KafkaSettingError { name }),
+            _ => Err(KafkaSettingError {
+                name,
+                expected: "a positive whole number",
+            }),
         };
         for (name, value) in std::env::vars() {
             let Some(key) = name.strip_prefix("CHARTLOG_KAFKA_") else {
@@ -168,10 +180,12 @@ impl KafkaConfig {
                 }
             }
         }
-        // A config file can set a count of 0, which no topic has.
-        if config.partitions == 0 {
+        // A config file can set a count of 0, which no topic has, and Kafka creates no topic
+        // of more than 100,000 partitions.
+        if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
             return Err(KafkaSettingError {
-                name: "kafka.partitions",
+                name: "kafka.partitions (CHARTLOG_KAFKA_PARTITIONS)",
+                expected: "a whole number from 1 to 100000",
             });
         }
         Ok(Some(config))
@@ -189,10 +203,12 @@ impl KafkaConfig {
 
 /// A Kafka setting from the environment that is not usable.
 #[derive(Debug, thiserror::Error)]
-#[error("{name} must be a positive whole number")]
+#[error("{name} must be {expected}")]
 pub struct KafkaSettingError {
-    /// The environment variable.
+    /// The environment variable or configuration key.
     pub name: &'static str,
+    /// Description of the valid values.
+    pub expected: &'static str,
 }
 
 /// Error from opening the Kafka log.
@@ -217,6 +233,18 @@ pub enum KafkaOpenError {
         count: usize,
         /// The configured number.
         configured: u32,
+    },
+    /// The cluster refused to create a topic with the configured settings.
+    #[error("the cluster refused to create topic {topic} with {partitions} partitions and replication factor {replication_factor}: {reason}")]
+    Refused {
+        /// Topic name.
+        topic: String,
+        /// Requested partition count.
+        partitions: u32,
+        /// Requested replication factor.
+        replication_factor: i32,
+        /// The error the cluster returned.
+        reason: String,
     },
     /// The topic keeps records for a limited time or compacts them, which would delete
     /// audit records that must be kept for six years or more.
@@ -685,6 +713,7 @@ impl KafkaLog {
         // end of the partition shows up, within a bound.
         let started = std::time::Instant::now();
         let mut heard_back = false;
+        let mut stale_errors = 0;
         while entries.len() < max {
             // Once records arrived, return with what the consumer has buffered rather than
             // wait for more: a projector that waits here keeps every waiting write waiting.
@@ -699,6 +728,19 @@ impl KafkaLog {
                 Some(Err(KafkaError::PartitionEOF(_))) => {
                     // The end of the partition, past any transaction markers.
                     break;
+                }
+                // The client queues its connection errors, and one may report an outage that
+                // ended before this read began. A watermark request tells which: when the
+                // broker replies, the read goes on. When it does not, the read fails at once
+                // rather than look like the end of the partition to a caller that must read
+                // everything, such as a take-over.
+                Some(Err(error))
+                    if is_connection_error(&error)
+                        && stale_errors < MAX_STALE_ERRORS
+                        && self.fetch_end(consumer, from.partition).is_some() =>
+                {
+                    stale_errors += 1;
+                    tracing::debug!(partition = from.partition, error = %error, "skipped a connection error queued before the broker replied again");
                 }
                 Some(Err(error)) => {
                     *cursor = None;
@@ -925,6 +967,14 @@ pub(crate) async fn ensure_topic(
                 made = true;
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) if is_refusal(code) => {
+                return Err(KafkaOpenError::Refused {
+                    topic: name.to_owned(),
+                    partitions,
+                    replication_factor: config.replication_factor,
+                    reason: code.to_string(),
+                })
+            }
             Err((_, code)) => {
                 return Err(KafkaOpenError::Client {
                     action: "topic creation",
@@ -935,6 +985,22 @@ pub(crate) async fn ensure_topic(
     }
     check_topic(config, name, cleanup_policy).await?;
     Ok(made)
+}
+
+/// Returns whether the cluster rejected a topic creation because of its settings or the
+/// node's rights, which no retry changes, rather than because it timed out.
+fn is_refusal(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidReplicaAssignment
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+    )
 }
 
 fn admin_client(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaOpenError> {

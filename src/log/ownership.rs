@@ -23,7 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use tokio::sync::watch;
 
-use super::kafka::{KafkaConfig, KafkaOpenError};
+use super::kafka::{ensure_topic, KafkaConfig, KafkaOpenError};
 use super::EventLog;
 use crate::writer::WeakWriter;
 
@@ -46,6 +46,10 @@ const RETRY_TAKE_OVER: Duration = Duration::from_secs(1);
 /// a node that keeps failing must not read it every second. Kept short because after a broker
 /// outage the next attempt usually succeeds.
 const RETRY_TAKE_OVER_MAX: Duration = Duration::from_secs(10);
+
+/// How long a standby finds no member assigned the lease before it checks that the lease
+/// topic still exists, and the interval between later checks.
+const LEASE_CHECK: Duration = Duration::from_secs(5);
 
 /// Returns the wait before the next attempt to take the log over after `failures` failed
 /// attempts in a row.
@@ -237,6 +241,7 @@ impl Ownership {
         let stop = Arc::new(AtomicBool::new(false));
         let member = Member {
             consumer,
+            config: config.clone(),
             group,
             topic: lease_topic,
             partition,
@@ -316,9 +321,8 @@ pub fn group_name(topic: &str) -> String {
 /// log: the event topic itself when it has one partition, and otherwise the topic
 /// `TOPIC.owner` of one partition and no records. The group spreads a topic's partitions over
 /// its members, so with several it would move partition 0, and the log, to a joining node.
-///
-/// NOTE: a lease topic deleted while nodes run leaves no member assigned, so no node writes
-/// until one restarts and creates it again.
+/// A lease topic deleted while nodes run leaves no member assigned, so the standbys then create
+/// it again.
 pub fn lease_topic_name(topic: &str, partitions: u32) -> String {
     if partitions > 1 {
         format!("{topic}.owner")
@@ -329,6 +333,7 @@ pub fn lease_topic_name(topic: &str, partitions: u32) -> String {
 
 struct Member {
     consumer: BaseConsumer<OwnerContext>,
+    config: KafkaConfig,
     group: String,
     topic: String,
     partition: i32,
@@ -345,6 +350,10 @@ impl Member {
         let mut last_lookup: Option<Instant> = None;
         let mut last_attempt: Option<Instant> = None;
         let mut failures = 0u32;
+        // When the lookups began finding no member assigned the lease, and when its topic was
+        // last checked.
+        let mut ownerless_since: Option<Instant> = None;
+        let mut last_lease_check: Option<Instant> = None;
         while !self.stop.load(Ordering::SeqCst) {
             // Records of paused partitions never arrive; the poll serves the group's events.
             let _ = self.consumer.poll(POLL_INTERVAL);
@@ -399,6 +408,17 @@ impl Member {
                     if due {
                         last_lookup = Some(Instant::now());
                         let owner_url = self.lookup_owner();
+                        if owner_url.is_some() {
+                            ownerless_since = None;
+                        } else {
+                            let since = *ownerless_since.get_or_insert_with(Instant::now);
+                            let due = since.elapsed() >= LEASE_CHECK
+                                && last_lease_check.is_none_or(|at| at.elapsed() >= LEASE_CHECK);
+                            if due {
+                                last_lease_check = Some(Instant::now());
+                                self.restore_lease_topic();
+                            }
+                        }
                         self.role
                             .send_if_modified(|role| set(role, Role::Standby { owner_url }));
                         self.settled.send_replace(true);
@@ -441,6 +461,58 @@ impl Member {
                 });
                 false
             }
+        }
+    }
+
+    /// Creates the lease topic again when the cluster's metadata no longer lists it. Without
+    /// it no member is assigned the lease, so no node would write until one restarted.
+    fn restore_lease_topic(&self) {
+        if self.topic == self.config.topic {
+            // The event topic itself: deleting it lost the log, which a take-over rejects.
+            return;
+        }
+        let metadata = match self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
+        {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                tracing::debug!(error = %error, "checking the owner group's topic failed");
+                return;
+            }
+        };
+        let exists = metadata
+            .topics()
+            .iter()
+            .any(|topic| topic.name() == self.topic && !topic.partitions().is_empty());
+        if exists {
+            return;
+        }
+        let created = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| error.to_string())
+            .and_then(|runtime| {
+                runtime
+                    .block_on(ensure_topic(&self.config, &self.topic, 1, "delete"))
+                    .map_err(|error| format!("{error:#}"))
+            });
+        match created {
+            Ok(true) => tracing::error!(
+                topic = %self.topic,
+                "the owner group's topic was missing and was created again"
+            ),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(error, "creating the owner group's topic again failed");
+                return;
+            }
+        }
+        // The subscription would find the topic at the consumer's next periodic metadata
+        // refresh. Subscribing again makes the group assign it now.
+        self.consumer.unsubscribe();
+        if let Err(error) = self.consumer.subscribe(&[&self.topic]) {
+            tracing::warn!(error = %error, "subscribing to the owner group's topic again failed");
         }
     }
 
