@@ -136,6 +136,69 @@ async fn delete_answers_gone_and_keeps_history() {
 }
 
 #[tokio::test]
+async fn histories_filter_by_since() {
+    let node = TestNode::start().await;
+    let patient_id = node.create(&patient("Okafor", "Ada", "1988-08-08")).await;
+    let first = node
+        .create(&weight(&patient_id, "70.0", "2024-03-01T08:00:00Z"))
+        .await;
+    let second = node
+        .create(&weight(&patient_id, "71.0", "2024-03-02T08:00:00Z"))
+        .await;
+    let read = node.get(&format!("/fhir/Observation/{second}")).await;
+    let since = read.json["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ids = |bundle: &Value| -> Vec<String> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry["resource"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let types = node
+        .get(&format!("/fhir/Observation/_history?_since={since}"))
+        .await;
+    assert_eq!(types.status, StatusCode::OK, "{}", types.text);
+    assert_eq!(ids(&types.json), vec![second.clone()]);
+    let instance = node
+        .get(&format!(
+            "/fhir/Observation/{second}/_history?_since={since}"
+        ))
+        .await;
+    assert_eq!(ids(&instance.json), vec![second.clone()]);
+    let older = node
+        .get(&format!(
+            "/fhir/Observation/{first}/_history?_since={since}"
+        ))
+        .await;
+    assert_eq!(older.status, StatusCode::OK, "{}", older.text);
+    assert!(ids(&older.json).is_empty(), "{}", older.text);
+
+    for query in [
+        "_since=2024-03-01",
+        "_since=2024-03-01T08:00:00",
+        "_at=2024-03-01T08:00:00Z",
+        "_sinse=2024-03-01T08:00:00Z",
+        "_since=2024-03-01T08:00:00Z&_since=2024-03-02T08:00:00Z",
+    ] {
+        let reply = node
+            .get(&format!("/fhir/Observation/_history?{query}"))
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{query}: {}",
+            reply.text
+        );
+        assert_eq!(reply.json["resourceType"], "OperationOutcome");
+    }
+}
+
+#[tokio::test]
 async fn histories_page_with_next_links() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Sato", "Yui", "2001-02-03")).await;

@@ -628,14 +628,16 @@ impl ChartProjection {
     ) -> Result<(Entries, bool), ProjectionError> {
         let mut upper = prefix.to_vec();
         upper.extend_from_slice(&[0xff; 32]);
-        self.scan_reverse_from(prefix, &upper, skip, limit)
+        self.scan_reverse_from(prefix, &upper, prefix, skip, limit)
     }
 
-    /// Scans the keys under `prefix` that sort at or before `upper`, newest first.
+    /// Scans the keys under `prefix` that sort at or before `upper` and at or after `lower`,
+    /// newest first.
     fn scan_reverse_from(
         &self,
         prefix: &[u8],
         upper: &[u8],
+        lower: &[u8],
         skip: usize,
         limit: usize,
     ) -> Result<(Entries, bool), ProjectionError> {
@@ -645,7 +647,7 @@ impl ChartProjection {
         let mut skipped = 0;
         let mut more = false;
         while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
-            if !key.starts_with(prefix) {
+            if !key.starts_with(prefix) || key < lower {
                 break;
             }
             if skipped < skip {
@@ -707,7 +709,7 @@ impl ChartProjection {
         };
         let mut upper = prefix.clone();
         upper.extend_from_slice(&last.to_be_bytes());
-        let (entries, more) = self.scan_reverse_from(&prefix, &upper, skip, limit)?;
+        let (entries, more) = self.scan_reverse_from(&prefix, &upper, &prefix, skip, limit)?;
         let mut accesses = Vec::with_capacity(entries.len());
         for (key, envelope) in entries {
             let raw: [u8; 8] = key[prefix.len()..]
@@ -719,6 +721,7 @@ impl ChartProjection {
     }
 
     /// Returns a page of a resource type's history, newest first, and whether more follow.
+    /// With `since_micros`, only versions recorded at or after that instant count.
     ///
     /// # Errors
     ///
@@ -726,10 +729,21 @@ impl ChartProjection {
     pub fn type_history(
         &self,
         resource_type: &str,
+        since_micros: Option<i64>,
         skip: usize,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, bool), ProjectionError> {
-        let (entries, more) = self.scan_prefix_reverse(&type_prefix(resource_type), skip, limit)?;
+        let prefix = type_prefix(resource_type);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 32]);
+        let mut lower = prefix.clone();
+        if let Some(since) = since_micros {
+            lower.extend_from_slice(&timestamp_key(HlcTimestamp {
+                wall_micros: since,
+                logical: 0,
+            }));
+        }
+        let (entries, more) = self.scan_reverse_from(&prefix, &upper, &lower, skip, limit)?;
         let mut records = Vec::with_capacity(entries.len());
         for (_, value) in entries {
             let split = value.iter().position(|byte| *byte == 0);
@@ -1061,7 +1075,7 @@ mod tests {
             .apply_until(0, &project(&early), false, None)
             .unwrap();
         assert_eq!(projection.positions(2).unwrap(), vec![9, 9]);
-        let (types, _) = projection.type_history("Observation", 0, 10).unwrap();
+        let (types, _) = projection.type_history("Observation", None, 0, 10).unwrap();
         let charts: Vec<ChartId> = types.iter().map(|record| record.chart_id).collect();
         assert_eq!(
             charts,
@@ -1166,7 +1180,28 @@ mod tests {
         let (rest, more) = projection.chart_history(chart, 2, 10).unwrap();
         assert_eq!(rest.len(), 2, "obs-1 version 1 and the patient");
         assert!(!more);
-        let (types, _) = projection.type_history("Observation", 0, 10).unwrap();
+        let (types, _) = projection.type_history("Observation", None, 0, 10).unwrap();
         assert_eq!(types.len(), 3);
+    }
+
+    #[test]
+    fn type_history_since_an_instant() {
+        let dir = tempfile::tempdir().unwrap();
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        apply_all(&projection, &sample_events(ChartId::random()), 0);
+        // The sample's Observation versions are recorded at 3, 4 and 5 microseconds.
+        let versions = |since: i64, skip: usize| {
+            let (page, more) = projection
+                .type_history("Observation", Some(since), skip, 10)
+                .unwrap();
+            (
+                page.iter().map(|record| record.version).collect::<Vec<_>>(),
+                more,
+            )
+        };
+        assert_eq!(versions(4, 0), (vec![3, 2], false));
+        assert_eq!(versions(4, 1), (vec![2], false));
+        assert_eq!(versions(3, 0), (vec![3, 2, 1], false));
+        assert_eq!(versions(6, 0), (vec![], false));
     }
 }

@@ -869,6 +869,46 @@ async fn history_response(
     Ok(fhir_json(StatusCode::OK, bundle.to_string()))
 }
 
+/// Reads `_since` from a history request's parameters, as microseconds since the epoch.
+/// Besides it, only the paging parameters and `_format` and `_pretty` are accepted: ignoring
+/// `_at`, `_list` or a misspelt `_since` would return history the client did not request.
+fn history_since(pairs: &[(String, String)]) -> Result<Option<i64>, ApiError> {
+    let mut since = None;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "_count" | "_offset" | "_format" | "_pretty" => {}
+            "_since" if since.is_some() => {
+                return Err(ApiError::invalid(
+                    "_since",
+                    "invalid _since: the parameter is repeated; give it once",
+                ));
+            }
+            "_since" => {
+                let invalid = || {
+                    ApiError::invalid(
+                        "_since",
+                        "invalid _since; expected an instant with seconds and a time zone, such as 2024-01-31T08:00:00Z",
+                    )
+                };
+                if !value.contains('T') {
+                    return Err(invalid());
+                }
+                let range =
+                    crate::fhir::datetime::parse_fhir_date_time(value).map_err(|_| invalid())?;
+                let micros = i64::try_from(range.start.div_euclid(1_000)).map_err(|_| invalid())?;
+                since = Some(micros);
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!("unsupported history parameter {other}; history accepts _since, _count and _offset"),
+                ));
+            }
+        }
+    }
+    Ok(since)
+}
+
 /// `GET /fhir/{type}/{id}/_history`: instance history, newest first.
 pub async fn instance_history(
     State(state): State<AppState>,
@@ -880,13 +920,17 @@ pub async fn instance_history(
     check_id(&id)?;
     caller.require(Action::Read, &resource_type)?;
     let pairs = query_pairs(query.as_deref());
+    let since = history_since(&pairs)?;
     let page = page_from(&pairs, None)?;
-    let all = state
+    let mut all = state
         .projection
         .instance_history(&resource_type, &id)
         .map_err(|error| ApiError::internal("projection read", &error))?;
     if all.is_empty() {
         return Err(ApiError::not_found(&resource_type, &id));
+    }
+    if let Some(since) = since {
+        all.retain(|record| record.recorded_at.wall_micros >= since);
     }
     let more = all.len() > page.offset.saturating_add(page.count);
     let records: Vec<VersionRecord> = all.into_iter().skip(page.offset).take(page.count).collect();
@@ -904,10 +948,11 @@ pub async fn type_history(
     check_type(&resource_type)?;
     caller.require(Action::Read, &resource_type)?;
     let pairs = query_pairs(query.as_deref());
+    let since = history_since(&pairs)?;
     let page = page_from(&pairs, None)?;
     let (records, more) = state
         .projection
-        .type_history(&resource_type, page.offset, page.count)
+        .type_history(&resource_type, since, page.offset, page.count)
         .map_err(|error| ApiError::internal("projection read", &error))?;
     let path = format!("{resource_type}/_history");
     history_response(&state, &caller, &path, &pairs, &page, records, more).await
