@@ -340,7 +340,8 @@ fn check_entry(
     let chart_id = Some(header.chart_id);
     let seq = Some(header.seq.0);
     let home = partition_of(header.chart_id, partitions);
-    if home != position.partition {
+    let misplaced = home != position.partition;
+    if misplaced {
         report.problems.push(problem(
             chart_id,
             seq,
@@ -376,6 +377,11 @@ fn check_entry(
         )),
     }
 
+    if misplaced {
+        // Not part of its chart's chain, which is checked in its own partition: taking it as
+        // the chart's latest event would blame the genuine events read after it.
+        return None;
+    }
     let previous = tails.get(&header.chart_id);
     let expected_seq = previous.map_or(EventSeq::FIRST, |tail| tail.seq.next());
     if header.seq != expected_seq {

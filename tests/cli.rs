@@ -195,6 +195,11 @@ fn invalid_kafka_counts_rejected() {
             "1000000",
             "CHARTLOG_KAFKA_PARTITIONS) must be a whole number from 1 to 100000",
         ),
+        (
+            "CHARTLOG_KAFKA_MIN_INSYNC_REPLICAS",
+            "2",
+            "CHARTLOG_KAFKA_MIN_INSYNC_REPLICAS) must be at most the replication factor",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let message = run_failing(

@@ -69,11 +69,6 @@ const READ_POLL: Duration = Duration::from_millis(200);
 /// accepts.
 const MAX_PARTITIONS: u32 = 100_000;
 
-/// Maximum queued connection errors one read skips after the broker replied to a watermark
-/// request. An outage leaves a few per broker connection, and the bound keeps a flapping
-/// connection from holding a read.
-const MAX_STALE_ERRORS: u32 = 16;
-
 /// Settings of the Kafka log. Client properties come from configuration, never from code.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,7 +116,8 @@ impl KafkaConfig {
     /// # Errors
     ///
     /// [`KafkaSettingError`] when the partition count or a replication setting is not a
-    /// positive whole number.
+    /// positive whole number, the partition count is above 100,000, or more replicas must be
+    /// in sync than there are.
     pub fn from_env(base: Option<KafkaConfig>) -> Result<Option<KafkaConfig>, KafkaSettingError> {
         let mut config = base;
         for (name, value) in std::env::vars() {
@@ -188,6 +184,14 @@ impl KafkaConfig {
                 expected: "a whole number from 1 to 100000",
             });
         }
+        // A topic cannot have more replicas in sync than it has replicas, and a setting that
+        // requests more, unnoticed, would leave the log with one copy.
+        if config.min_insync_replicas > config.replication_factor {
+            return Err(KafkaSettingError {
+                name: "kafka.min_insync_replicas (CHARTLOG_KAFKA_MIN_INSYNC_REPLICAS)",
+                expected: "at most the replication factor (kafka.replication_factor, CHARTLOG_KAFKA_REPLICATION_FACTOR, 1 by default)",
+            });
+        }
         Ok(Some(config))
     }
 
@@ -248,7 +252,7 @@ pub enum KafkaOpenError {
     },
     /// The topic keeps records for a limited time or compacts them, which would delete
     /// audit records that must be kept for six years or more.
-    #[error("topic {topic} has {setting}={value}; chartlog needs retention.ms=-1, retention.bytes=-1 and cleanup.policy={expected_policy}")]
+    #[error("topic {topic} has {setting}={value}; chartlog needs retention.ms=-1, retention.bytes=-1 and cleanup.policy={expected_policy}: change it with kafka-configs.sh --alter --entity-type topics --entity-name {topic}")]
     Retention {
         /// Topic name.
         topic: String,
@@ -713,7 +717,6 @@ impl KafkaLog {
         // end of the partition shows up, within a bound.
         let started = std::time::Instant::now();
         let mut heard_back = false;
-        let mut stale_errors = 0;
         while entries.len() < max {
             // Once records arrived, return with what the consumer has buffered rather than
             // wait for more: a projector that waits here keeps every waiting write waiting.
@@ -728,19 +731,6 @@ impl KafkaLog {
                 Some(Err(KafkaError::PartitionEOF(_))) => {
                     // The end of the partition, past any transaction markers.
                     break;
-                }
-                // The client queues its connection errors, and one may report an outage that
-                // ended before this read began. A watermark request tells which: when the
-                // broker replies, the read goes on. When it does not, the read fails at once
-                // rather than look like the end of the partition to a caller that must read
-                // everything, such as a take-over.
-                Some(Err(error))
-                    if is_connection_error(&error)
-                        && stale_errors < MAX_STALE_ERRORS
-                        && self.fetch_end(consumer, from.partition).is_some() =>
-                {
-                    stale_errors += 1;
-                    tracing::debug!(partition = from.partition, error = %error, "skipped a connection error queued before the broker replied again");
                 }
                 Some(Err(error)) => {
                     *cursor = None;
@@ -972,7 +962,11 @@ pub(crate) async fn ensure_topic(
                     topic: name.to_owned(),
                     partitions,
                     replication_factor: config.replication_factor,
-                    reason: code.to_string(),
+                    reason: if code == RDKafkaErrorCode::InvalidReplicationFactor {
+                        format!("{code}; set CHARTLOG_KAFKA_REPLICATION_FACTOR to at most the number of brokers")
+                    } else {
+                        code.to_string()
+                    },
                 })
             }
             Err((_, code)) => {

@@ -1,10 +1,10 @@
 //! Ownership of the Kafka log: the members of one consumer group, and the node the group
 //! assigns the partition to, which is the one that writes.
 //!
-//! Every node joins the group `chartlog-owners.TOPIC` and subscribes to the event topic. It
-//! never reads records through this consumer, because only the assignment matters: the
-//! assigned partition is paused at once. The node that is assigned the partition takes the log over: its
-//! writer initializes the partition's transactional id (fencing the previous owner at the
+//! Every node joins the group `chartlog-owners.TOPIC` and subscribes to the lease topic (see
+//! [`lease_topic_name`]). It never reads records through this consumer, because only the
+//! assignment matters: the assigned partition is paused at once. The node that is assigned
+//! the partition takes the log over: its writer initializes the partition's transactional id (fencing the previous owner at the
 //! broker), rebuilds its state from everything committed, and only then appends. Every other
 //! node is a standby: its projector follows the log, and its HTTP handlers redirect clients to
 //! the owner, whose URL each member publishes as its Kafka `client.id`.
@@ -13,6 +13,10 @@
 //! its partition back at once instead of after a rebalance. The price: a node that stops for
 //! good hands over only once its session times out. The assignment is cooperative and sticky,
 //! so a joining standby leaves the partition where it is.
+//!
+//! The membership thread also watches the group: it replaces a consumer that stays outside
+//! the group, creates a deleted lease topic again, and has the owner give the log up when a
+//! topic's retention would delete records.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +27,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use tokio::sync::watch;
 
-use super::kafka::{ensure_topic, KafkaConfig, KafkaOpenError};
+use super::head_topic::head_topic_name;
+use super::kafka::{check_topic, ensure_topic, KafkaConfig, KafkaOpenError};
+use super::key_topic::key_topic_name;
 use super::EventLog;
 use crate::writer::WeakWriter;
 
@@ -46,6 +52,30 @@ const RETRY_TAKE_OVER: Duration = Duration::from_secs(1);
 /// a node that keeps failing must not read it every second. Kept short because after a broker
 /// outage the next attempt usually succeeds.
 const RETRY_TAKE_OVER_MAX: Duration = Duration::from_secs(10);
+
+/// How long this node may be missing from the group's description (or find the group
+/// impossible to describe while the broker replies to its readers) before it joins again with
+/// a new consumer. After a broker restart the consumer can take tens of seconds to find the
+/// coordinator and rejoin by itself, and a new consumer then would only move the lease. The
+/// wait doubles after each new consumer that did not help, up to [`REJOIN_AFTER_MAX`], so a
+/// long broker outage does not leave a trail of consumers waiting to close.
+const REJOIN_AFTER: Duration = Duration::from_secs(120);
+
+/// Maximum age of the broker's last reply to the log's readers for a failed description of the
+/// group to count as this node missing from it.
+const BROKER_REPLIED_WITHIN: Duration = Duration::from_secs(5);
+
+/// Maximum wait before joining again with a new consumer.
+const REJOIN_AFTER_MAX: Duration = Duration::from_secs(600);
+
+/// How long the group's description may name this node's own URL as the owner's while this
+/// node does not hold the lease before it is reported as two nodes sharing one URL. Just after
+/// losing the lease, the description still names this node for a few seconds.
+const OWN_URL_GRACE: Duration = Duration::from_secs(20);
+
+/// How often the owner checks that the event, key and head topics still keep their records:
+/// retention changed on a running cluster would make the broker delete audit records.
+const TOPIC_CHECK: Duration = Duration::from_secs(30);
 
 /// How long a standby finds no member assigned the lease before it checks that the lease
 /// topic still exists, and the interval between later checks.
@@ -107,10 +137,15 @@ struct OwnerContext {
     assignment: Mutex<Assignment>,
     /// A broker error that no retry can change, such as a refused session timeout.
     failure: Arc<Mutex<Option<String>>>,
+    /// Set when a new consumer replaced this one: its callbacks while it closes change nothing.
+    retired: AtomicBool,
 }
 
 impl ClientContext for OwnerContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::FencedInstanceId) {
             // Another member joined with this node's group.instance.id, which comes from
             // DATA/node-id: most likely a copied data directory.
@@ -140,6 +175,9 @@ impl ClientContext for OwnerContext {
 
 impl ConsumerContext for OwnerContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         // With the cooperative protocol a revocation lists only the partitions taken away.
         if let Rebalance::Revoke(partitions) = rebalance {
             if partitions
@@ -201,46 +239,25 @@ impl Ownership {
     ) -> Result<Ownership, KafkaOpenError> {
         let group = group_name(&config.topic);
         let lease_topic = lease_topic_name(&config.topic, config.partitions);
-        let mut client = config.client_config();
-        client
-            .set("group.id", &group)
-            .set("group.instance.id", format!("chartlog-{node_id}"))
-            .set("client.id", url)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "latest")
-            // Sticky: a node joining the group leaves the partition with its owner instead of
-            // moving it, so adding a standby never interrupts writes.
-            .set("partition.assignment.strategy", "cooperative-sticky");
-        if !config.properties.contains_key("session.timeout.ms") {
-            client.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
-        }
         let failure = Arc::new(Mutex::new(None));
-        let context = OwnerContext {
+        let joining = Joining {
+            config: config.clone(),
+            group: group.clone(),
+            instance: format!("chartlog-{node_id}"),
+            url: url.to_owned(),
             topic: lease_topic.clone(),
             partition,
             log: log.clone(),
-            assignment: Mutex::new(Assignment::default()),
             failure: failure.clone(),
         };
-        let consumer: BaseConsumer<OwnerContext> =
-            client
-                .create_with_context(context)
-                .map_err(|source| KafkaOpenError::Client {
-                    action: "group consumer creation",
-                    source,
-                })?;
-        consumer
-            .subscribe(&[&lease_topic])
-            .map_err(|source| KafkaOpenError::Client {
-                action: "group subscription",
-                source,
-            })?;
+        let consumer = joining.consumer()?;
         let (role_sender, role) = watch::channel(Role::Undecided);
         let (settled_sender, settled) = watch::channel(false);
         let (take_over_error_sender, take_over_error) = watch::channel(None);
         let stop = Arc::new(AtomicBool::new(false));
         let member = Member {
             consumer,
+            joining,
             config: config.clone(),
             group,
             topic: lease_topic,
@@ -312,6 +329,59 @@ impl Drop for Ownership {
     }
 }
 
+/// Settings to join the owner group with, kept to join again with a new consumer.
+struct Joining {
+    config: KafkaConfig,
+    group: String,
+    instance: String,
+    url: String,
+    topic: String,
+    partition: i32,
+    log: Arc<dyn EventLog>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl Joining {
+    /// Creates a group consumer subscribed to the lease topic.
+    fn consumer(&self) -> Result<BaseConsumer<OwnerContext>, KafkaOpenError> {
+        let mut client = self.config.client_config();
+        client
+            .set("group.id", &self.group)
+            .set("group.instance.id", &self.instance)
+            .set("client.id", &self.url)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            // Sticky: a node joining the group leaves the partition with its owner instead of
+            // moving it, so adding a standby never interrupts writes.
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        if !self.config.properties.contains_key("session.timeout.ms") {
+            client.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
+        }
+        let context = OwnerContext {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            log: self.log.clone(),
+            assignment: Mutex::new(Assignment::default()),
+            failure: self.failure.clone(),
+            retired: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<OwnerContext> =
+            client
+                .create_with_context(context)
+                .map_err(|source| KafkaOpenError::Client {
+                    action: "group consumer creation",
+                    source,
+                })?;
+        consumer
+            .subscribe(&[&self.topic])
+            .map_err(|source| KafkaOpenError::Client {
+                action: "group subscription",
+                source,
+            })?;
+        Ok(consumer)
+    }
+}
+
 /// Returns the consumer group whose assignment decides the owner of `topic`.
 pub fn group_name(topic: &str) -> String {
     format!("chartlog-owners.{topic}")
@@ -333,6 +403,7 @@ pub fn lease_topic_name(topic: &str, partitions: u32) -> String {
 
 struct Member {
     consumer: BaseConsumer<OwnerContext>,
+    joining: Joining,
     config: KafkaConfig,
     group: String,
     topic: String,
@@ -346,7 +417,7 @@ struct Member {
 }
 
 impl Member {
-    fn run(self) {
+    fn run(mut self) {
         let mut last_lookup: Option<Instant> = None;
         let mut last_attempt: Option<Instant> = None;
         let mut failures = 0u32;
@@ -354,6 +425,15 @@ impl Member {
         // last checked.
         let mut ownerless_since: Option<Instant> = None;
         let mut last_lease_check: Option<Instant> = None;
+        // When the lookups began finding this node missing from the group, and when they began
+        // naming this node's own URL as the owner's while it does not hold the lease.
+        let mut absent_since: Option<Instant> = None;
+        let mut own_url_since: Option<Instant> = None;
+        let mut last_topic_check: Option<Instant> = None;
+        // The retention check runs on a thread of its own: its requests wait up to 10 s each
+        // when the cluster is away, and the group's callbacks run only while this thread polls.
+        let mut topic_check: Option<std::thread::JoinHandle<Option<String>>> = None;
+        let mut rejoin_after = REJOIN_AFTER;
         while !self.stop.load(Ordering::SeqCst) {
             // Records of paused partitions never arrive; the poll serves the group's events.
             let _ = self.consumer.poll(POLL_INTERVAL);
@@ -379,11 +459,76 @@ impl Member {
                 .lock()
                 .expect("assignment lock is not poisoned")
                 .has_partition;
+
+            let becoming_standby = has_partition == Some(false)
+                && !matches!(*self.role.borrow(), Role::Standby { .. });
+            let lookup = if becoming_standby
+                || last_lookup.is_none_or(|at| at.elapsed() >= LOOKUP_INTERVAL)
+            {
+                last_lookup = Some(Instant::now());
+                Some(self.lookup())
+            } else {
+                None
+            };
+            if let Some(lookup) = &lookup {
+                // A description that leaves this node out counts. A failed one counts only
+                // while the broker replies to the log's readers and the consumer does not
+                // believe it holds the lease. During an outage every request fails, and a new
+                // consumer would only delay the rejoin that follows it.
+                let absent = match (lookup, has_partition) {
+                    (Lookup::Found { listed, .. }, _) => !listed,
+                    (Lookup::Failed, Some(true)) => false,
+                    (Lookup::Failed, _) => self
+                        .log
+                        .end_age()
+                        .is_some_and(|age| age < BROKER_REPLIED_WITHIN),
+                };
+                if absent {
+                    let since = *absent_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= rejoin_after {
+                        absent_since = None;
+                        self.rejoin(rejoin_after);
+                        rejoin_after = (rejoin_after * 2).min(REJOIN_AFTER_MAX);
+                        continue;
+                    }
+                } else {
+                    absent_since = None;
+                    rejoin_after = REJOIN_AFTER;
+                }
+            }
+
             match has_partition {
                 None => {}
                 Some(true) if self.log.is_owner() => {
                     self.role.send_if_modified(|role| set(role, Role::Owner));
                     self.settled.send_replace(true);
+                    if topic_check
+                        .as_ref()
+                        .is_some_and(|check| check.is_finished())
+                    {
+                        let problem = topic_check
+                            .take()
+                            .and_then(|check| check.join().ok())
+                            .flatten();
+                        if let Some(problem) = problem {
+                            // The take-over that follows checks the topics again and fails,
+                            // naming the setting in `/health`, until the topic is fixed.
+                            tracing::error!(
+                                problem,
+                                "a topic of the log would delete records; this node stops writing until it is fixed"
+                            );
+                            self.log.release_ownership();
+                        }
+                    }
+                    let due = last_topic_check.is_none_or(|at| at.elapsed() >= TOPIC_CHECK);
+                    if due && topic_check.is_none() {
+                        last_topic_check = Some(Instant::now());
+                        let config = self.config.clone();
+                        topic_check = std::thread::Builder::new()
+                            .name("chartlog-retention-check".into())
+                            .spawn(move || records_at_risk(&config))
+                            .ok();
+                    }
                 }
                 Some(true) => {
                     let due =
@@ -403,26 +548,39 @@ impl Member {
                 Some(false) => {
                     last_attempt = None;
                     failures = 0;
-                    let due = last_lookup.is_none_or(|at| at.elapsed() >= LOOKUP_INTERVAL)
-                        || !matches!(*self.role.borrow(), Role::Standby { .. });
-                    if due {
-                        last_lookup = Some(Instant::now());
-                        let owner_url = self.lookup_owner();
-                        if owner_url.is_some() {
-                            ownerless_since = None;
-                        } else {
-                            let since = *ownerless_since.get_or_insert_with(Instant::now);
-                            let due = since.elapsed() >= LEASE_CHECK
-                                && last_lease_check.is_none_or(|at| at.elapsed() >= LEASE_CHECK);
-                            if due {
-                                last_lease_check = Some(Instant::now());
-                                self.restore_lease_topic();
-                            }
+                    let Some(lookup) = lookup else {
+                        continue;
+                    };
+                    let owner_url = match lookup {
+                        Lookup::Failed => None,
+                        Lookup::Found { owner_url, .. } => owner_url,
+                    };
+                    if owner_url.is_some() {
+                        ownerless_since = None;
+                    } else {
+                        let since = *ownerless_since.get_or_insert_with(Instant::now);
+                        let due = since.elapsed() >= LEASE_CHECK
+                            && last_lease_check.is_none_or(|at| at.elapsed() >= LEASE_CHECK);
+                        if due {
+                            last_lease_check = Some(Instant::now());
+                            self.restore_lease_topic();
                         }
-                        self.role
-                            .send_if_modified(|role| set(role, Role::Standby { owner_url }));
-                        self.settled.send_replace(true);
                     }
+                    // Just after this node lost the lease, the group's description can still
+                    // name it as the holder. Only a lasting one is two nodes sharing a URL.
+                    let owner_url = match owner_url {
+                        Some(url) if same_url(&url, &self.joining.url) => {
+                            let since = *own_url_since.get_or_insert_with(Instant::now);
+                            (since.elapsed() >= OWN_URL_GRACE).then_some(url)
+                        }
+                        other => {
+                            own_url_since = None;
+                            other
+                        }
+                    };
+                    self.role
+                        .send_if_modified(|role| set(role, Role::Standby { owner_url }));
+                    self.settled.send_replace(true);
                 }
             }
         }
@@ -430,6 +588,38 @@ impl Member {
         self.log.release_ownership();
         self.consumer.unsubscribe();
         tracing::info!("left the kafka owner group");
+    }
+
+    /// Replaces the group consumer with a new one, which joins the group again. librdkafka's
+    /// consumer can stay outside its group after losing the coordinator, as reported in
+    /// confluentinc/librdkafka issues 2944 and 3082, and then no node would write until a
+    /// restart.
+    fn rejoin(&mut self, absent_for: Duration) {
+        tracing::warn!(
+            after_s = absent_for.as_secs(),
+            "this node is missing from the kafka owner group; joining it again with a new consumer"
+        );
+        // The new consumer may not be assigned the lease, so appends stop first.
+        self.log.release_ownership();
+        let consumer = match self.joining.consumer() {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                tracing::warn!(error = %anyhow::Error::from(error), "joining the kafka owner group again failed");
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut self.consumer, consumer);
+        old.context().retired.store(true, Ordering::SeqCst);
+        // Closing waits for the group's coordinator, which may not reply, so it runs on a
+        // thread of its own.
+        let closing = std::thread::Builder::new()
+            .name("chartlog-ownership-close".into())
+            .spawn(move || drop(old));
+        if let Err(error) = closing {
+            tracing::warn!(error = %error, "closing the replaced group consumer in the background failed");
+        }
+        self.role
+            .send_if_modified(|role| set(role, Role::Undecided));
     }
 
     /// Has the writer take the log over; the writer rebuilds its state between fencing the
@@ -516,8 +706,9 @@ impl Member {
         }
     }
 
-    /// Returns the URL of the member assigned the partition, from the group's description.
-    fn lookup_owner(&self) -> Option<String> {
+    /// Describes the group: the URL of the member assigned the lease, and whether this node
+    /// is a member.
+    fn lookup(&self) -> Lookup {
         let groups = match self
             .consumer
             .fetch_group_list(Some(&self.group), Duration::from_secs(2))
@@ -525,21 +716,76 @@ impl Member {
             Ok(groups) => groups,
             Err(error) => {
                 tracing::warn!(error = %error, "describing the kafka owner group failed");
-                return None;
+                return Lookup::Failed;
             }
         };
-        let group = groups
+        let Some(group) = groups
             .groups()
             .iter()
-            .find(|group| group.name() == self.group)?;
-        group.members().iter().find_map(|member| {
+            .find(|group| group.name() == self.group)
+        else {
+            return Lookup::Found {
+                owner_url: None,
+                listed: false,
+            };
+        };
+        let members = group.members();
+        let listed = members
+            .iter()
+            .any(|member| same_url(member.client_id(), &self.joining.url));
+        let owner_url = members.iter().find_map(|member| {
             let assignment = member.assignment()?;
             assigned_partitions(assignment)?
                 .iter()
                 .any(|(topic, partition)| *topic == self.topic && *partition == self.partition)
                 .then(|| member.client_id().to_owned())
-        })
+        });
+        Lookup::Found { owner_url, listed }
     }
+}
+
+/// Result of describing the owner group.
+enum Lookup {
+    /// The group could not be described.
+    Failed,
+    /// The group's members as described.
+    Found {
+        /// URL of the member assigned the lease, when one is.
+        owner_url: Option<String>,
+        /// Whether a member publishes this node's URL.
+        listed: bool,
+    },
+}
+
+/// Returns why the event, key or head topic would delete records, when its retention or
+/// cleanup policy was changed since the take-over. A cluster that cannot be asked returns
+/// `None`: appends then fail by themselves.
+fn records_at_risk(config: &KafkaConfig) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let topic = &config.topic;
+    let topics = [
+        (topic.clone(), "delete"),
+        (key_topic_name(topic), "compact"),
+        (head_topic_name(topic), "compact"),
+    ];
+    for (name, policy) in topics {
+        match runtime.block_on(check_topic(config, &name, policy)) {
+            Err(error @ KafkaOpenError::Retention { .. }) => return Some(error.to_string()),
+            Err(error) => {
+                tracing::debug!(topic = %name, error = %anyhow::Error::from(error), "checking a topic's retention failed");
+            }
+            Ok(()) => {}
+        }
+    }
+    None
+}
+
+/// Returns whether two base URLs are the same but for trailing slashes.
+fn same_url(first: &str, second: &str) -> bool {
+    first.trim_end_matches('/') == second.trim_end_matches('/')
 }
 
 fn set(role: &mut Role, new: Role) -> bool {
