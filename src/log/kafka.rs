@@ -732,6 +732,9 @@ impl KafkaLog {
                     // The end of the partition, past any transaction markers.
                     break;
                 }
+                // NOTE: a connection error the client queued during an earlier outage fails
+                // the read too, so a take-over after a broker restart can fail and be tried
+                // again a few times before it reads through.
                 Some(Err(error)) => {
                     *cursor = None;
                     return Err(failure(error));
