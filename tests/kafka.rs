@@ -937,6 +937,37 @@ async fn topics_that_would_lose_records_are_refused() {
         assert!(message.contains(expected), "{case}: {message}");
     }
 
+    // A configuration refused for its partition count creates no topic beside the event topic.
+    let mut config = base.clone();
+    config.topic = format!("{}-partitioned", base.topic);
+    config.partitions = 5;
+    let error = KafkaLog::open_unowned(config.clone())
+        .await
+        .err()
+        .expect("a topic of 3 partitions was accepted as 5");
+    assert!(error.to_string().contains("has 3 partitions"), "{error}");
+    let listed: Vec<String> = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .create()
+            .unwrap();
+        let metadata = client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap();
+        metadata
+            .topics()
+            .iter()
+            .map(|topic| topic.name().to_owned())
+            .collect()
+    };
+    for beside in [
+        chartlog::log::ownership::lease_topic_name(&config.topic, config.partitions),
+        chartlog::log::head_topic::head_topic_name(&config.topic),
+    ] {
+        assert!(!listed.contains(&beside), "{beside} was created");
+    }
+
     // The key topic must be compacted, never emptied by retention.
     let mut config = base.clone();
     config.topic = format!("{}-keys-deleted", base.topic);

@@ -409,6 +409,11 @@ impl KafkaLog {
     /// As [`KafkaLog::open`].
     pub async fn open_unowned(config: KafkaConfig) -> Result<KafkaLog, KafkaOpenError> {
         ensure_topic(&config, &config.topic, config.partitions, "delete").await?;
+        // A refused partition count leaves the cluster as it was: no topic is created beside
+        // a topic this configuration cannot use.
+        let consumer = reader_consumer(&config)?;
+        check_partitions(consumer.client(), &config)?;
+        drop(consumer);
         let lease_topic = lease_topic_name(&config.topic, config.partitions);
         if lease_topic != config.topic {
             ensure_topic(&config, &lease_topic, 1, "delete").await?;
