@@ -943,8 +943,7 @@ async fn topics_that_would_lose_records_are_refused() {
     config.partitions = 5;
     let error = KafkaLog::open_unowned(config.clone())
         .await
-        .err()
-        .expect("a topic of 3 partitions was accepted as 5");
+        .expect_err("a topic of 3 partitions was accepted as 5");
     assert!(error.to_string().contains("has 3 partitions"), "{error}");
     let listed: Vec<String> = {
         use rdkafka::consumer::{BaseConsumer, Consumer};
