@@ -238,9 +238,9 @@ pub enum KafkaOpenError {
         /// The configured number.
         configured: u32,
     },
-    /// The cluster refused to create a topic with the configured settings.
-    #[error("the cluster refused to create topic {topic} with {partitions} partitions and replication factor {replication_factor}: {reason}")]
-    Refused {
+    /// The cluster rejected a topic creation with the configured settings.
+    #[error("the cluster rejected creating topic {topic} with {partitions} partitions and replication factor {replication_factor}: {reason}")]
+    Rejected {
         /// Topic name.
         topic: String,
         /// Requested partition count.
@@ -965,8 +965,8 @@ pub(crate) async fn ensure_topic(
                 made = true;
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) if is_refusal(code) => {
-                return Err(KafkaOpenError::Refused {
+            Err((_, code)) if is_rejection(code) => {
+                return Err(KafkaOpenError::Rejected {
                     topic: name.to_owned(),
                     partitions,
                     replication_factor: config.replication_factor,
@@ -991,7 +991,7 @@ pub(crate) async fn ensure_topic(
 
 /// Returns whether the cluster rejected a topic creation because of its settings or the
 /// node's rights, which no retry changes, rather than because it timed out.
-fn is_refusal(code: RDKafkaErrorCode) -> bool {
+fn is_rejection(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::InvalidPartitions

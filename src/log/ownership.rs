@@ -4,8 +4,8 @@
 //! Every node joins the group `chartlog-owners.TOPIC` and subscribes to the lease topic (see
 //! [`lease_topic_name`]). It never reads records through this consumer, because only the
 //! assignment matters: the assigned partition is paused at once. The node that is assigned
-//! the partition takes the log over: its writer initializes the partition's transactional id (fencing the previous owner at the
-//! broker), rebuilds its state from everything committed, and only then appends. Every other
+//! the partition takes the log over: its writer initializes the partition's transactional id
+//! (fencing the previous owner at the broker), rebuilds its state from everything committed, and only then appends. Every other
 //! node is a standby: its projector follows the log, and its HTTP handlers redirect clients to
 //! the owner, whose URL each member publishes as its Kafka `client.id`.
 //!
@@ -258,10 +258,6 @@ impl Ownership {
         let member = Member {
             consumer,
             joining,
-            config: config.clone(),
-            group,
-            topic: lease_topic,
-            partition,
             log,
             writer,
             role: role_sender,
@@ -404,10 +400,6 @@ pub fn lease_topic_name(topic: &str, partitions: u32) -> String {
 struct Member {
     consumer: BaseConsumer<OwnerContext>,
     joining: Joining,
-    config: KafkaConfig,
-    group: String,
-    topic: String,
-    partition: i32,
     log: Arc<dyn EventLog>,
     writer: WeakWriter,
     role: watch::Sender<Role>,
@@ -523,7 +515,7 @@ impl Member {
                     let due = last_topic_check.is_none_or(|at| at.elapsed() >= TOPIC_CHECK);
                     if due && topic_check.is_none() {
                         last_topic_check = Some(Instant::now());
-                        let config = self.config.clone();
+                        let config = self.joining.config.clone();
                         topic_check = std::thread::Builder::new()
                             .name("chartlog-retention-check".into())
                             .spawn(move || records_at_risk(&config))
@@ -591,9 +583,8 @@ impl Member {
     }
 
     /// Replaces the group consumer with a new one, which joins the group again. librdkafka's
-    /// consumer can stay outside its group after losing the coordinator, as reported in
-    /// confluentinc/librdkafka issues 2944 and 3082, and then no node would write until a
-    /// restart.
+    /// consumer can stay outside its group after losing the coordinator, and then no node
+    /// would write until a restart (confluentinc/librdkafka issues 2944 and 3082 show logs).
     fn rejoin(&mut self, absent_for: Duration) {
         tracing::warn!(
             after_s = absent_for.as_secs(),
@@ -632,7 +623,7 @@ impl Member {
         match writer.take_over_blocking() {
             Ok(()) => {
                 tracing::info!(
-                    partition = self.partition,
+                    partition = self.joining.partition,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "took the kafka log over"
                 );
@@ -657,13 +648,13 @@ impl Member {
     /// Creates the lease topic again when the cluster's metadata no longer lists it. Without
     /// it no member is assigned the lease, so no node would write until one restarted.
     fn restore_lease_topic(&self) {
-        if self.topic == self.config.topic {
+        if self.joining.topic == self.joining.config.topic {
             // The event topic itself: deleting it lost the log, which a take-over rejects.
             return;
         }
         let metadata = match self
             .consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
+            .fetch_metadata(Some(&self.joining.topic), Duration::from_secs(2))
         {
             Ok(metadata) => metadata,
             Err(error) => {
@@ -674,22 +665,20 @@ impl Member {
         let exists = metadata
             .topics()
             .iter()
-            .any(|topic| topic.name() == self.topic && !topic.partitions().is_empty());
+            .any(|topic| topic.name() == self.joining.topic && !topic.partitions().is_empty());
         if exists {
             return;
         }
-        let created = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|error| error.to_string())
-            .and_then(|runtime| {
-                runtime
-                    .block_on(ensure_topic(&self.config, &self.topic, 1, "delete"))
-                    .map_err(|error| format!("{error:#}"))
-            });
+        let created = block_on(ensure_topic(
+            &self.joining.config,
+            &self.joining.topic,
+            1,
+            "delete",
+        ))
+        .and_then(|result| result.map_err(|error| format!("{error:#}")));
         match created {
             Ok(true) => tracing::error!(
-                topic = %self.topic,
+                topic = %self.joining.topic,
                 "the owner group's topic was missing and was created again"
             ),
             Ok(false) => {}
@@ -701,7 +690,7 @@ impl Member {
         // The subscription would find the topic at the consumer's next periodic metadata
         // refresh. Subscribing again makes the group assign it now.
         self.consumer.unsubscribe();
-        if let Err(error) = self.consumer.subscribe(&[&self.topic]) {
+        if let Err(error) = self.consumer.subscribe(&[&self.joining.topic]) {
             tracing::warn!(error = %error, "subscribing to the owner group's topic again failed");
         }
     }
@@ -711,7 +700,7 @@ impl Member {
     fn lookup(&self) -> Lookup {
         let groups = match self
             .consumer
-            .fetch_group_list(Some(&self.group), Duration::from_secs(2))
+            .fetch_group_list(Some(&self.joining.group), Duration::from_secs(2))
         {
             Ok(groups) => groups,
             Err(error) => {
@@ -722,7 +711,7 @@ impl Member {
         let Some(group) = groups
             .groups()
             .iter()
-            .find(|group| group.name() == self.group)
+            .find(|group| group.name() == self.joining.group)
         else {
             return Lookup::Found {
                 owner_url: None,
@@ -737,7 +726,9 @@ impl Member {
             let assignment = member.assignment()?;
             assigned_partitions(assignment)?
                 .iter()
-                .any(|(topic, partition)| *topic == self.topic && *partition == self.partition)
+                .any(|(topic, partition)| {
+                    *topic == self.joining.topic && *partition == self.joining.partition
+                })
                 .then(|| member.client_id().to_owned())
         });
         Lookup::Found { owner_url, listed }
@@ -761,10 +752,6 @@ enum Lookup {
 /// cleanup policy was changed since the take-over. A cluster that cannot be asked returns
 /// `None`: appends then fail by themselves.
 fn records_at_risk(config: &KafkaConfig) -> Option<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()?;
     let topic = &config.topic;
     let topics = [
         (topic.clone(), "delete"),
@@ -772,7 +759,7 @@ fn records_at_risk(config: &KafkaConfig) -> Option<String> {
         (head_topic_name(topic), "compact"),
     ];
     for (name, policy) in topics {
-        match runtime.block_on(check_topic(config, &name, policy)) {
+        match block_on(check_topic(config, &name, policy)).ok()? {
             Err(error @ KafkaOpenError::Retention { .. }) => return Some(error.to_string()),
             Err(error) => {
                 tracing::debug!(topic = %name, error = %anyhow::Error::from(error), "checking a topic's retention failed");
@@ -781,6 +768,16 @@ fn records_at_risk(config: &KafkaConfig) -> Option<String> {
         }
     }
     None
+}
+
+/// Runs an admin request from the membership thread, which has no async runtime, on a runtime
+/// of its own. Fails only when that runtime cannot be built.
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|runtime| runtime.block_on(future))
+        .map_err(|error| format!("async runtime for an admin request not built: {error}"))
 }
 
 /// Returns whether two base URLs are the same but for trailing slashes.
