@@ -311,7 +311,10 @@ fn take_log_over(
             );
         }
     }
-    let mut rebuilt = crate::node::rebuild_writer_state(log, keys)?;
+    // A separate reader, because the projector keeps reading meanwhile, and after an outage
+    // the projector's client was seen fetching nothing for over a minute.
+    let separate = log.separate_reader()?;
+    let mut rebuilt = crate::node::rebuild_writer_state(separate.as_deref().unwrap_or(log), keys)?;
     rebuilt.set_resource_limit(log.max_resource_bytes());
     if let Some(heads) = log.recorded_heads()? {
         crate::node::check_heads(&rebuilt, &heads)?;

@@ -1752,35 +1752,54 @@ async fn standby_reads_new_keys_after_outages() {
     let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
     let (first, second) = owner_and_standby(&kafka).await;
 
-    // The standby's key topic reader is idle through both outages: no new chart needs a key.
+    // Neither node's key topic reader has work through the outages: no new chart needs a key.
     for _ in 0..2 {
         let broker = StoppedBroker::stop();
         tokio::time::sleep(Duration::from_secs(12)).await;
         broker.start();
     }
-    let late = eventually(Duration::from_secs(60), || async {
-        let reply = first
-            .post(
-                "/fhir/Patient",
-                &patient("After", "Outages", "1953-01-01").to_string(),
-            )
-            .await;
-        (reply.status == StatusCode::CREATED).then(|| reply.json["id"].as_str().unwrap().to_owned())
+    // An outage longer than the group's session timeout ends the owner's lease, and the group
+    // may then hand it to either node. The chart is written through the node that has it.
+    let nodes = [&first, &second];
+    let written = eventually(Duration::from_secs(60), || async {
+        for (index, node) in nodes.iter().enumerate() {
+            if role(node).await != "owner" {
+                continue;
+            }
+            let reply = node
+                .post(
+                    "/fhir/Patient",
+                    &patient("After", "Outages", "1953-01-01").to_string(),
+                )
+                .await;
+            if reply.status == StatusCode::CREATED {
+                return Some((index, reply.json["id"].as_str().unwrap().to_owned()));
+            }
+        }
+        None
     })
-    .await
-    .expect("writes did not resume after the outages");
+    .await;
+    let Some((owner, late)) = written else {
+        let first_health = first.call(Method::GET, "/health", None, None, &[]).await;
+        let second_health = second.call(Method::GET, "/health", None, None, &[]).await;
+        panic!(
+            "writes did not resume after the outages\nfirst: {}\nsecond: {}",
+            first_health.text, second_health.text
+        );
+    };
     // Errors the reader's client queued during the outages must not fail the catch-ups that
     // fetch the new chart's key, one queued error at a time.
+    let standby = nodes[1 - owner];
     let projected = eventually(Duration::from_secs(15), || async {
-        second.node.projection.patient_chart(&late).unwrap()
+        standby.node.projection.patient_chart(&late).unwrap()
     })
     .await;
     assert!(
         projected.is_some(),
         "the standby did not project the new chart: {:?}",
-        second.node.projector.borrow().retrying
+        standby.node.projector.borrow().retrying
     );
-    let health = second.call(Method::GET, "/health", None, None, &[]).await;
+    let health = standby.call(Method::GET, "/health", None, None, &[]).await;
     assert_eq!(
         health.json["projections"]["chart"]["retrying"],
         serde_json::Value::Null,
@@ -1789,6 +1808,52 @@ async fn standby_reads_new_keys_after_outages() {
     );
     second.stop().await;
     first.stop().await;
+}
+
+#[tokio::test]
+async fn stalled_reader_gets_a_new_client() {
+    let kafka = common::test_kafka_config().expect("the kafka tests need CHARTLOG_TEST_LOG=kafka");
+    let node = TestNode::start_in(tempfile::tempdir().unwrap(), Some(kafka.clone())).await;
+    node.create(&patient("Held", "Back", "1955-01-01")).await;
+    node.create(&patient("Read", "On", "1956-01-01")).await;
+    let log = KafkaLog::open_reader(kafka).await.unwrap();
+    let end = log.end_position().borrow().get(0);
+    let first = log
+        .read_from(chartlog::log::LogPosition::new(0, 0), 1)
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    let next = chartlog::log::LogPosition::new(0, first[0].0.offset + 1);
+    assert!(next.offset < end, "the log holds one entry only");
+
+    // The reader's client now fetches nothing at the position the reader expects next.
+    log.stall_reader(0).unwrap();
+    let log = std::sync::Arc::new(log);
+    let stalled = {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || log.read_from(next, 16))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert!(stalled.is_empty(), "the stalled client still read");
+    assert_eq!(log.readers_replaced(), 0);
+
+    // Reads go on finding nothing until the watch replaces the client, then read on.
+    let resumed = eventually(Duration::from_secs(40), || {
+        let log = log.clone();
+        async move {
+            let entries = tokio::task::spawn_blocking(move || log.read_from(next, 16))
+                .await
+                .unwrap()
+                .unwrap();
+            (!entries.is_empty()).then_some(entries)
+        }
+    })
+    .await
+    .expect("the stalled reader never read on");
+    assert_eq!(resumed[0].0, next);
+    assert_eq!(log.readers_replaced(), 1);
+    node.stop().await;
 }
 
 /// Sends `store`'s wrapped record of `key_id` to the key topic, as a writer's transaction does.

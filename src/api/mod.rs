@@ -531,6 +531,13 @@ async fn metrics(
         log_end.total(),
     );
     metric(
+        "counter",
+        "chartlog_log_readers_replaced_total",
+        "Log readers whose client was replaced after it fetched nothing while its partition held more.",
+        "",
+        state.log.readers_replaced(),
+    );
+    metric(
         "gauge",
         "chartlog_log_partitions",
         "Partitions of the log.",

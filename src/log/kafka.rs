@@ -16,7 +16,7 @@
 //! partition and references across partitions to be checked against the projection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,13 @@ const ENVELOPE_MARGIN: usize = 64 * 1024;
 
 /// How long a read waits for records that are not there yet before returning what it has.
 const READ_POLL: Duration = Duration::from_millis(200);
+
+/// How long a partition's reader may find nothing while the partition's known end lies past
+/// its position before its client is replaced. After a broker restart, librdkafka's consumer
+/// was seen fetching nothing for over a minute; a new client reads at once. The known end
+/// counts committed records only (`read_committed` ends and this node's commits), so a
+/// transaction left open does not count as records to read.
+const READER_STALL: Duration = Duration::from_secs(15);
 
 /// Largest partition count a topic can be created with: the range librdkafka's admin client
 /// accepts.
@@ -273,6 +280,8 @@ pub struct KafkaLog {
     /// One reader per partition, so a projector that reads them in turn keeps each one's
     /// fetch position.
     readers: Vec<Mutex<Reader>>,
+    /// How many readers' clients were replaced after fetching nothing for [`READER_STALL`].
+    readers_replaced: AtomicU64,
     end: watch::Sender<Frontier>,
     /// Per partition, when the broker last confirmed its end in `end`, or when this node last
     /// committed: the end a standby reports is only as current as the oldest of these.
@@ -353,6 +362,18 @@ struct Reader {
     consumer: BaseConsumer<ReaderContext>,
     /// Offset the consumer fetches next, when it is assigned.
     cursor: Option<i64>,
+    /// Since when reads have found nothing though the partition's known end lies past them.
+    behind_since: Option<Instant>,
+}
+
+impl Reader {
+    fn new(consumer: BaseConsumer<ReaderContext>) -> Reader {
+        Reader {
+            consumer,
+            cursor: None,
+            behind_since: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -468,21 +489,16 @@ impl KafkaLog {
         end_of_topic: Frontier,
         read_only: bool,
     ) -> Result<KafkaLog, KafkaOpenError> {
-        let mut readers = vec![Mutex::new(Reader {
-            consumer,
-            cursor: None,
-        })];
+        let mut readers = vec![Mutex::new(Reader::new(consumer))];
         for _ in 1..config.partitions {
-            readers.push(Mutex::new(Reader {
-                consumer: reader_consumer(&config)?,
-                cursor: None,
-            }));
+            readers.push(Mutex::new(Reader::new(reader_consumer(&config)?)));
         }
         let (end, _) = watch::channel(end_of_topic.clone());
         Ok(KafkaLog {
             runtime,
             producer: Mutex::new(None),
             readers,
+            readers_replaced: AtomicU64::new(0),
             committed_end: Mutex::new(end_of_topic),
             owner: AtomicBool::new(false),
             end,
@@ -550,6 +566,20 @@ impl KafkaLog {
                 None
             }
         }
+    }
+
+    /// Moves the consumer of `partition`'s reader to the partition's end while the reader
+    /// still expects its next position: from outside, a client that fetches nothing though
+    /// the partition contains more. For the tests of the reader watch.
+    #[cfg(feature = "kafka-tests")]
+    #[doc(hidden)]
+    pub fn stall_reader(&self, partition: u32) -> Result<(), KafkaError> {
+        let reader = self.readers[partition as usize]
+            .lock()
+            .expect("kafka reader lock is not poisoned");
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&self.config.topic, partition as i32, Offset::End)?;
+        reader.consumer.assign(&assignment)
     }
 
     /// Returns whether the topic contains committed records after this node's last commit.
@@ -698,7 +728,11 @@ impl KafkaLog {
             });
         };
         let mut guard = reader.lock().expect("kafka reader lock is not poisoned");
-        let Reader { consumer, cursor } = &mut *guard;
+        let Reader {
+            consumer,
+            cursor,
+            behind_since,
+        } = &mut *guard;
         let start = from.offset as i64;
         let fresh = *cursor != Some(start);
         if fresh {
@@ -738,8 +772,8 @@ impl KafkaLog {
                     break;
                 }
                 // NOTE: a connection error the client queued during an earlier outage fails
-                // the read too, so a take-over after a broker restart can fail and be tried
-                // again a few times before it reads through.
+                // the read too. The projector then retries after a short wait; a take-over
+                // reads through new clients, which have no such errors queued.
                 Some(Err(error)) => {
                     *cursor = None;
                     return Err(failure(error));
@@ -756,6 +790,32 @@ impl KafkaLog {
                         LogPosition::new(from.partition, offset as u64),
                         Envelope(bytes),
                     ));
+                }
+            }
+        }
+        let behind = entries.is_empty() && from.offset < self.end.borrow().get(from.partition);
+        if !behind {
+            *behind_since = None;
+        } else if behind_since.get_or_insert_with(Instant::now).elapsed() >= READER_STALL {
+            match reader_consumer(&self.config) {
+                Ok(fresh) => {
+                    tracing::warn!(
+                        partition = from.partition,
+                        position = from.offset,
+                        stalled_s = READER_STALL.as_secs(),
+                        "a kafka reader fetched nothing though its partition holds more; replacing its client"
+                    );
+                    *consumer = fresh;
+                    *cursor = None;
+                    *behind_since = None;
+                    self.readers_replaced.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        partition = from.partition,
+                        error = %anyhow::Error::from(error),
+                        "replacing a stalled kafka reader failed; it is tried again on the next read"
+                    );
                 }
             }
         }
@@ -1193,6 +1253,24 @@ impl EventLog for KafkaLog {
         self.config.partitions
     }
 
+    fn separate_reader(&self) -> Result<Option<Box<dyn EventLog>>, ReadError> {
+        let failure = |error: KafkaOpenError| ReadError {
+            position: LogPosition::new(0, 0),
+            source: error.into(),
+        };
+        let consumer = reader_consumer(&self.config).map_err(failure)?;
+        let end = self.end.borrow().clone();
+        let reader = KafkaLog::assemble(
+            self.config.clone(),
+            self.runtime.clone(),
+            consumer,
+            end,
+            true,
+        )
+        .map_err(failure)?;
+        Ok(Some(Box::new(reader)))
+    }
+
     fn end_position(&self) -> watch::Receiver<Frontier> {
         self.end.subscribe()
     }
@@ -1364,6 +1442,10 @@ impl EventLog for KafkaLog {
             let reader = reader.lock().expect("kafka reader lock is not poisoned");
             self.fetch_end(&reader.consumer, partition as u32);
         }
+    }
+
+    fn readers_replaced(&self) -> u64 {
+        self.readers_replaced.load(Ordering::Relaxed)
     }
 
     fn end_age(&self) -> Option<Duration> {

@@ -224,6 +224,18 @@ pub trait EventLog: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<(LogPosition, Envelope)>, ReadError>;
 
+    /// Returns a reader of this log on clients of its own, for one pass over all of it such as
+    /// rebuilding the writer's state, or `None` when the log's own reads serve as well. On
+    /// Kafka the pass then neither moves the position of the projector's reads between its
+    /// own, nor depends on the state an outage left the projector's long-lived client in.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError`] when the clients cannot be created.
+    fn separate_reader(&self) -> Result<Option<Box<dyn EventLog>>, ReadError> {
+        Ok(None)
+    }
+
     /// Returns a receiver of the end of each partition, one past its last durable entry; it
     /// changes after every successful append.
     fn end_position(&self) -> watch::Receiver<Frontier>;
@@ -233,6 +245,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// to it.
     fn end_age(&self) -> Option<Duration> {
         Some(Duration::ZERO)
+    }
+
+    /// Returns how many times a reader's client was replaced because it fetched nothing while
+    /// its partition held more. The embedded log has no such clients.
+    fn readers_replaced(&self) -> u64 {
+        0
     }
 
     /// Asks the storage for its end again, so that [`EventLog::end_position`] stays current

@@ -265,9 +265,11 @@ impl Ownership {
             take_over_error: take_over_error_sender,
             stop: stop.clone(),
         };
+        // The member name identifies the node in lines of nodes that share a log output.
+        let span = tracing::info_span!("owner_group", member = %member.joining.instance);
         let thread = std::thread::Builder::new()
             .name("chartlog-ownership".into())
-            .spawn(move || member.run())
+            .spawn(move || span.in_scope(|| member.run()))
             .map_err(|_| KafkaOpenError::Client {
                 action: "group thread start",
                 source: KafkaError::Canceled,

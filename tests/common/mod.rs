@@ -22,8 +22,6 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-/// Returns the Kafka log settings when the tests run against Kafka (`CHARTLOG_TEST_LOG=kafka`),
-/// each node on a topic of its own, or `None` for the embedded log.
 /// Returns the checkout under test. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test; the
 /// value compiled in names where the binary was built, which differs when a shared target
 /// directory serves several checkouts.
@@ -34,6 +32,22 @@ pub fn checkout() -> std::path::PathBuf {
     )
 }
 
+/// Sends the nodes' log lines to the test's output, which the harness prints when a test
+/// fails. `CHARTLOG_TEST_TRACE` takes a filter in `CHARTLOG_LOG`'s syntax; the default keeps
+/// warnings and Chartlog's own lines.
+pub fn trace_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHARTLOG_TEST_TRACE")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,chartlog=info"));
+    // A second node in the same test finds the subscriber already set.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_thread_names(true)
+        .try_init();
+}
+
+/// Returns the Kafka log settings when the tests run against Kafka (`CHARTLOG_TEST_LOG=kafka`),
+/// each node on a topic of its own, or `None` for the embedded log.
 pub fn test_kafka_config() -> Option<chartlog::log::KafkaConfig> {
     if std::env::var("CHARTLOG_TEST_LOG").ok()? != "kafka" {
         return None;
@@ -46,8 +60,18 @@ pub fn test_kafka_config() -> Option<chartlog::log::KafkaConfig> {
         partitions: test_partitions(),
         replication_factor: 1,
         min_insync_replicas: 1,
-        properties: Default::default(),
+        properties: test_kafka_properties(),
     })
+}
+
+/// Client properties of the test nodes: librdkafka's `debug` contexts from
+/// `CHARTLOG_TEST_KAFKA_DEBUG` (such as `broker,fetch,cgrp`), or none.
+fn test_kafka_properties() -> std::collections::HashMap<String, String> {
+    std::env::var("CHARTLOG_TEST_KAFKA_DEBUG")
+        .ok()
+        .map(|contexts| ("debug".to_owned(), contexts))
+        .into_iter()
+        .collect()
 }
 
 /// Partitions of the topics the tests create: `CHARTLOG_TEST_KAFKA_PARTITIONS`, or 1.
@@ -94,8 +118,24 @@ impl EventLog for ControlledLog {
         self.inner.partitions()
     }
 
+    fn separate_reader(&self) -> Result<Option<Box<dyn EventLog>>, ReadError> {
+        self.inner.separate_reader()
+    }
+
     fn end_position(&self) -> watch::Receiver<chartlog::log::Frontier> {
         self.inner.end_position()
+    }
+
+    fn end_age(&self) -> Option<Duration> {
+        self.inner.end_age()
+    }
+
+    fn refresh_end(&self) {
+        self.inner.refresh_end()
+    }
+
+    fn readers_replaced(&self) -> u64 {
+        self.inner.readers_replaced()
     }
 
     fn is_dense(&self) -> bool {
@@ -171,6 +211,7 @@ impl TestNode {
         kafka: Option<chartlog::log::KafkaConfig>,
         url: &str,
     ) -> TestNode {
+        trace_to_test_output();
         let config = NodeConfig {
             data_dir: dir.path().to_path_buf(),
             kek_file: None,
