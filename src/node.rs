@@ -96,6 +96,15 @@ pub struct Node {
     writer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Returns the Kafka topic that the chart projection of `config`'s data directory was built
+/// from, when it was built from one: such a directory belongs to a node on Kafka and has no
+/// embedded log.
+pub fn projected_kafka_topic(config: &NodeConfig) -> Option<String> {
+    let name = ChartProjection::read_bound_log(&config.chart_projection_dir()).ok()??;
+    let (topic, _partitions) = name.strip_prefix("kafka ")?.rsplit_once(' ')?;
+    Some(topic.to_owned())
+}
+
 /// Explains an open failure in terms of the data directory when RocksDB reports its lock.
 fn explain_lock(error: anyhow::Error, data_dir: &Path) -> anyhow::Error {
     let text = format!("{error:#}");
@@ -288,6 +297,12 @@ impl Node {
                     // missing log is lost data, never a reason to start an empty one.
                     let log_dir = config.log_dir();
                     if initialized && !log_dir.exists() {
+                        if let Some(topic) = projected_kafka_topic(config) {
+                            anyhow::bail!(
+                                "data directory {} belongs to a node on the Kafka topic {topic}; start it with CHARTLOG_LOG_BACKEND=kafka and the CHARTLOG_KAFKA_* settings of that topic",
+                                data_dir.display()
+                            );
+                        }
                         anyhow::bail!(
                         "the log at {} is missing; this data directory was initialized with one, so restore it from a backup",
                         log_dir.display()

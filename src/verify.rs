@@ -43,8 +43,14 @@ pub struct Problem {
 }
 
 impl std::fmt::Display for Problem {
+    /// Writes the problem; the alternate form (`{:#}`) names the position's partition even
+    /// when it is 0, for logs of several partitions.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "position {}", self.position)?;
+        if f.alternate() {
+            write!(f, "position {:#}", self.position)?;
+        } else {
+            write!(f, "position {}", self.position)?;
+        }
         if let Some(chart_id) = self.chart_id {
             write!(f, ", chart {chart_id}")?;
         }
@@ -58,6 +64,8 @@ impl std::fmt::Display for Problem {
 /// Result of verifying a log.
 #[derive(Debug, Default)]
 pub struct VerifyReport {
+    /// Partitions of the log read.
+    pub partitions: u32,
     /// Entries read.
     pub events: u64,
     /// Charts seen.
@@ -126,6 +134,7 @@ pub fn verify_log(
     };
     let mut reached: HashMap<ChartId, (LogPosition, bool)> = HashMap::new();
     let partitions = log.partitions();
+    report.partitions = partitions;
     // Where each partition's reading ended: a chart missing from the log is reported there.
     let mut ends = vec![0u64; partitions as usize];
 
@@ -449,4 +458,28 @@ fn describe(error: &crypto::CryptoError) -> String {
 
 fn signer_text(signer: SignerId) -> String {
     signer.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Problem;
+    use crate::log::LogPosition;
+
+    #[test]
+    fn problem_display_names_partition() {
+        let problem = Problem {
+            position: LogPosition::new(0, 7),
+            chart_id: None,
+            seq: Some(2),
+            failure: "hash chain broken".into(),
+        };
+        assert_eq!(
+            problem.to_string(),
+            "position 7, sequence 2: hash chain broken"
+        );
+        assert_eq!(
+            format!("{problem:#}"),
+            "position 0:7, sequence 2: hash chain broken"
+        );
+    }
 }

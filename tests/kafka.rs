@@ -579,6 +579,11 @@ async fn charts_spread_over_partitions_keep_order_and_state() {
     // The copy is the only entry named: the genuine event stays its chart's first, wherever
     // the copy lies in the order verify reads the partitions.
     assert_eq!(output.matches("FAILED position").count(), 1, "{output}");
+    // On a log of several partitions the position names its partition, 0 included.
+    assert!(
+        output.contains(&format!("FAILED position {elsewhere}:")),
+        "{output}"
+    );
     // A projection rebuilt from it stops there rather than taking the event in twice.
     let (rebuilt, output) = replay_on(
         &["rebuild", "--log-backend", "kafka"],
@@ -635,6 +640,32 @@ async fn two_nodes_on_one_topic_keep_one_chain() {
         .create(&patient("Shared", "Topic", "1970-01-01"))
         .await;
     let (first_dir, _) = first.stop().await;
+
+    // Without the Kafka settings, the tools and the server name the topic the directory uses.
+    let (verified, output) = replay(&["verify"], first_dir.path(), &kafka.topic);
+    assert!(!verified, "{output}");
+    assert!(
+        output.contains(&format!(
+            "belongs to a node on the Kafka topic {}",
+            kafka.topic
+        )),
+        "{output}"
+    );
+    assert!(output.contains("--log-backend kafka"), "{output}");
+    let embedded = chartlog::node::NodeConfig {
+        data_dir: first_dir.path().to_path_buf(),
+        kek_file: None,
+        kafka: None,
+        url: None,
+    };
+    let rejected = chartlog::node::Node::open_with(&embedded, |log| log)
+        .await
+        .err()
+        .expect("a Kafka node's directory opened on the embedded log");
+    assert!(
+        format!("{rejected:#}").contains("CHARTLOG_LOG_BACKEND=kafka"),
+        "{rejected:#}"
+    );
 
     // The nodes share the key-encryption key and the signing key; data keys of charts reach
     // the second node through the key topic.

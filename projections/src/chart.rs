@@ -292,6 +292,30 @@ impl ChartProjection {
         Ok(cleared)
     }
 
+    /// Reads the name of the log the projection at `path` was built from (as given to
+    /// [`ChartProjection::bind_log`]) without opening it for writing; `None` when there is no
+    /// projection there or it names no log.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError`] when it cannot be opened or read.
+    pub fn read_bound_log(path: &Path) -> Result<Option<String>, ProjectionError> {
+        // RocksDB creates the directory of a database it fails to open, even read-only.
+        if !path.join("CURRENT").exists() {
+            return Ok(None);
+        }
+        let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), path, false)
+            .map_err(|source| ProjectionError::Storage {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let stored = db.get(LOG_KEY).map_err(|source| ProjectionError::Storage {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(stored.map(|name| String::from_utf8_lossy(&name).into_owned()))
+    }
+
     /// Reads the next log position of the projection at `path` without opening it for
     /// writing, while a server may use it; `None` when there is no projection there.
     ///
@@ -1165,6 +1189,20 @@ mod tests {
             .current("Observation", "obs-1")
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn bound_log_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ChartProjection::read_bound_log(dir.path()).unwrap(), None);
+        let projection = ChartProjection::open(dir.path()).unwrap();
+        projection.bind_log("kafka chartlog.events 3").unwrap();
+        assert_eq!(
+            ChartProjection::read_bound_log(dir.path())
+                .unwrap()
+                .as_deref(),
+            Some("kafka chartlog.events 3")
+        );
     }
 
     #[test]

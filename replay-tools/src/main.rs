@@ -128,6 +128,20 @@ fn open_keys(
     Ok(keys)
 }
 
+/// Fails with what to do when `data` has no embedded log because its node writes to Kafka.
+fn check_embedded_log(config: &NodeConfig, data: &Path) -> anyhow::Result<()> {
+    if config.log_dir().is_dir() {
+        return Ok(());
+    }
+    if let Some(topic) = chartlog::node::projected_kafka_topic(config) {
+        anyhow::bail!(
+            "{} belongs to a node on the Kafka topic {topic} and has no embedded log; pass --log-backend kafka and set CHARTLOG_KAFKA_BOOTSTRAP_SERVERS and CHARTLOG_KAFKA_TOPIC",
+            data.display()
+        );
+    }
+    Ok(())
+}
+
 fn format_timestamp(timestamp: Option<HlcTimestamp>) -> String {
     timestamp.map_or_else(
         || "none".to_owned(),
@@ -212,6 +226,7 @@ fn verify(
     let mut failures = Vec::new();
     let report = match backend {
         "embedded" => {
+            check_embedded_log(&config, data)?;
             // The projection before the log: a running server only moves both on, so a
             // projection found ahead of the log means the log lost entries.
             let applied = chartlog_projections::ChartProjection::read_position(
@@ -300,7 +315,12 @@ fn verify(
         return Ok(true);
     }
     for problem in &report.problems {
-        eprintln!("FAILED {problem}");
+        // On a log of several partitions, a bare offset would leave its partition unclear.
+        if report.partitions > 1 {
+            eprintln!("FAILED {problem:#}");
+        } else {
+            eprintln!("FAILED {problem}");
+        }
     }
     if report.stopped_early {
         eprintln!(
@@ -360,6 +380,7 @@ fn copy(data: &Path, direction: &str) -> anyhow::Result<bool> {
     let keys: std::sync::Arc<KeyStore>;
     let (source, target): (Box<dyn EventLog>, Box<dyn EventLog>) = match direction {
         "to-kafka" => {
+            check_embedded_log(&config, data)?;
             let source = EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
                 format!(
                     "cannot open the log of {}; stop the server first",
@@ -526,14 +547,17 @@ fn rebuild(data: &Path, key_file: Option<PathBuf>, backend: &str) -> anyhow::Res
     let mut log_name = chartlog::log::log_name(None);
     let log: Box<dyn EventLog> = match backend {
         // Opening the log for writing takes its lock, so a rebuild cannot run beside a server.
-        "embedded" => Box::new(
-            EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
-                format!(
-                    "cannot open the log of {}; stop the server first",
-                    data.display()
-                )
-            })?,
-        ),
+        "embedded" => {
+            check_embedded_log(&config, data)?;
+            Box::new(
+                EmbeddedLog::open(&config.log_dir(), false).with_context(|| {
+                    format!(
+                        "cannot open the log of {}; stop the server first",
+                        data.display()
+                    )
+                })?,
+            )
+        }
         // NOTE: on Kafka nothing stops a rebuild beside a running server, whose own
         // projection files would then be replaced under it; stop the server first.
         "kafka" => {

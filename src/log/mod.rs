@@ -49,9 +49,10 @@ impl LogPosition {
 
 impl std::fmt::Display for LogPosition {
     /// Writes the offset alone in partition 0, so a log of one partition names positions as
-    /// plain numbers, and `partition:offset` elsewhere.
+    /// plain numbers, and `partition:offset` elsewhere. The alternate form (`{:#}`) writes
+    /// `partition:offset` in every partition, for logs of several.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.partition == 0 {
+        if self.partition == 0 && !f.alternate() {
             self.offset.fmt(f)
         } else {
             write!(f, "{}:{}", self.partition, self.offset)
@@ -330,5 +331,18 @@ pub trait EventLog: Send + Sync + 'static {
     /// a completed take-over and its release or fencing.
     fn is_owner(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogPosition;
+
+    #[test]
+    fn position_display_names_partition() {
+        assert_eq!(LogPosition::new(0, 5).to_string(), "5");
+        assert_eq!(LogPosition::new(2, 5).to_string(), "2:5");
+        assert_eq!(format!("{:#}", LogPosition::new(0, 5)), "0:5");
+        assert_eq!(format!("{:#}", LogPosition::new(2, 5)), "2:5");
     }
 }
