@@ -300,6 +300,16 @@ impl ChartProjection {
     ///
     /// [`ProjectionError`] when it cannot be opened or read.
     pub fn read_bound_log(path: &Path) -> Result<Option<String>, ProjectionError> {
+        let Some(projection) = Self::open_read_only(path)? else {
+            return Ok(None);
+        };
+        let stored = projection.db.get(LOG_KEY).map_err(projection.storage())?;
+        Ok(stored.map(|name| String::from_utf8_lossy(&name).into_owned()))
+    }
+
+    /// Opens the projection at `path` for reading only, while a server may use it; `None`
+    /// when there is no projection there.
+    fn open_read_only(path: &Path) -> Result<Option<ChartProjection>, ProjectionError> {
         // RocksDB creates the directory of a database it fails to open, even read-only.
         if !path.join("CURRENT").exists() {
             return Ok(None);
@@ -309,11 +319,11 @@ impl ChartProjection {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let stored = db.get(LOG_KEY).map_err(|source| ProjectionError::Storage {
+        Ok(Some(ChartProjection {
+            db,
             path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(stored.map(|name| String::from_utf8_lossy(&name).into_owned()))
+            cleared: false,
+        }))
     }
 
     /// Reads the next log position of the projection at `path` without opening it for
@@ -326,19 +336,8 @@ impl ChartProjection {
         path: &Path,
         partitions: u32,
     ) -> Result<Option<Vec<u64>>, ProjectionError> {
-        // RocksDB creates the directory of a database it fails to open, even read-only.
-        if !path.join("CURRENT").exists() {
+        let Some(projection) = Self::open_read_only(path)? else {
             return Ok(None);
-        }
-        let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), path, false)
-            .map_err(|source| ProjectionError::Storage {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let projection = ChartProjection {
-            db,
-            path: path.to_path_buf(),
-            cleared: false,
         };
         let layout = projection
             .db
