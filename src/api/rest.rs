@@ -165,8 +165,15 @@ pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
         ));
     }
     let value = serde_json::from_slice(body).map_err(|error| {
+        // serde_json stops at 128 levels of arrays and objects, deeper than FHIR resources
+        // nest in practice, and reports it as a syntax error.
+        let problem = if error.to_string().starts_with("recursion limit exceeded") {
+            "nests arrays and objects more than 128 levels deep"
+        } else {
+            "is not valid JSON"
+        };
         ApiError::malformed_json(format!(
-            "request body is not valid JSON (line {}, column {})",
+            "request body {problem} (line {}, column {})",
             error.line(),
             error.column()
         ))
@@ -1349,6 +1356,32 @@ mod tests {
         );
         assert_eq!(parse_local_reference(base, "urn:uuid:1234"), None);
         assert_eq!(parse_local_reference(base, "Nonsense/p1"), None);
+    }
+
+    #[test]
+    fn deep_nesting_is_named() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let error = parse_body(deep.as_bytes()).unwrap_err();
+        assert!(
+            error.issues[0].diagnostics.contains("more than 128 levels"),
+            "{}",
+            error.issues[0].diagnostics
+        );
+        let broken = parse_body(b"{\"resourceType\": }").unwrap_err();
+        assert!(
+            broken.issues[0].diagnostics.contains("is not valid JSON"),
+            "{}",
+            broken.issues[0].diagnostics
+        );
+    }
+
+    #[test]
+    fn decimal_digits_are_kept() {
+        let value = parse_body(br#"{"a": 1.50, "b": 1E5, "c": 2e-3, "d": 1e999999}"#).unwrap();
+        assert_eq!(
+            value.to_string(),
+            r#"{"a":1.50,"b":1e+5,"c":2e-3,"d":1e+999999}"#
+        );
     }
 
     #[test]
