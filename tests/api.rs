@@ -283,6 +283,55 @@ async fn search_by_patient_code_and_date() {
 }
 
 #[tokio::test]
+async fn unknown_search_parameters_ignored_or_rejected() {
+    let node = TestNode::start().await;
+    node.create(&patient("A", "One", "1980-01-01")).await;
+
+    // Without a preference the search runs as if the parameter were absent, and reports it.
+    let reply = node
+        .get("/fhir/Patient?birthdate=1980-01-01&shoe-size=44")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json["total"], 1);
+    let links = reply.json["link"].as_array().unwrap();
+    let own = links
+        .iter()
+        .find(|link| link["relation"] == "self")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap();
+    assert!(own.contains("birthdate=1980-01-01"), "{own}");
+    assert!(!own.contains("shoe-size"), "{own}");
+    let outcome = reply.json["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["search"]["mode"] == "outcome")
+        .expect("no outcome entry names the ignored parameter");
+    assert!(
+        outcome["resource"]["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("shoe-size"),
+        "{outcome}"
+    );
+
+    // Under handling=strict the search is rejected.
+    let token = node.physician();
+    let strict = node
+        .call(
+            Method::GET,
+            "/fhir/Patient?birthdate=1980-01-01&shoe-size=44",
+            Some(&token),
+            None,
+            &[("prefer", "handling=strict")],
+        )
+        .await;
+    assert_eq!(strict.status, StatusCode::BAD_REQUEST, "{}", strict.text);
+    assert_eq!(strict.json["resourceType"], "OperationOutcome");
+}
+
+#[tokio::test]
 async fn invalid_resources_are_rejected_without_writing() {
     let node = TestNode::start().await;
     let patient_id = node.create(&patient("Valid", "Base", "1999-09-09")).await;

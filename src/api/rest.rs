@@ -1148,11 +1148,17 @@ async fn search_response(
     }
     let records: Vec<&VersionRecord> = shown.iter().map(|(record, _)| record).collect();
     record_access(state, caller, "search", &records, false).await?;
+    // The links show the search as performed, without the parameters it ignored.
+    let performed: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(name, _)| !unknown.contains(name))
+        .cloned()
+        .collect();
     let bundle = serde_json::json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
-        "link": page_links(state, path, &pairs, &page, more),
+        "link": page_links(state, path, &performed, &page, more),
         "entry": entries,
     });
     Ok(fhir_json(StatusCode::OK, bundle.to_string()))
