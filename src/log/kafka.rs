@@ -805,10 +805,22 @@ impl KafkaLog {
                         stalled_s = READER_STALL.as_secs(),
                         "a kafka reader fetched nothing though its partition holds more; replacing its client"
                     );
-                    *consumer = fresh;
+                    let stalled = std::mem::replace(consumer, fresh);
                     *cursor = None;
                     *behind_since = None;
                     self.readers_replaced.fetch_add(1, Ordering::Relaxed);
+                    // Closing a client waits for its broker threads, which may be stuck too,
+                    // so it runs on a thread of its own rather than under the reader's lock.
+                    let closing = std::thread::Builder::new()
+                        .name("chartlog-reader-close".into())
+                        .spawn(move || drop(stalled));
+                    if let Err(error) = closing {
+                        tracing::warn!(
+                            partition = from.partition,
+                            error = %error,
+                            "closing a replaced kafka reader in the background failed"
+                        );
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(
