@@ -292,9 +292,10 @@ impl ChartProjection {
         Ok(cleared)
     }
 
-    /// Reads the name of the log the projection at `path` was built from (as given to
-    /// [`ChartProjection::bind_log`]) without opening it for writing; `None` when there is no
-    /// projection there or it names no log.
+    /// Reads the name of the log the projection at `path` was built from, as given to
+    /// [`ChartProjection::bind_log`], without opening it for writing.
+    ///
+    /// Returns `None` when there is no projection there or it names no log.
     ///
     /// # Errors
     ///

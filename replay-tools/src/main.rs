@@ -128,7 +128,8 @@ fn open_keys(
     Ok(keys)
 }
 
-/// Fails with what to do when `data` has no embedded log because its node writes to Kafka.
+/// Returns an error naming the Kafka topic and the settings to pass when `data` has no
+/// embedded log because its node writes to Kafka.
 fn check_embedded_log(config: &NodeConfig, data: &Path) -> anyhow::Result<()> {
     if config.log_dir().is_dir() {
         return Ok(());

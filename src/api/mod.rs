@@ -533,7 +533,7 @@ async fn metrics(
     metric(
         "counter",
         "chartlog_log_readers_replaced_total",
-        "Log readers whose client was replaced after it fetched nothing while its partition held more.",
+        "Log readers whose client was replaced after it fetched nothing while its partition contained more.",
         "",
         state.log.readers_replaced(),
     );

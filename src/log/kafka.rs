@@ -803,7 +803,7 @@ impl KafkaLog {
                         partition = from.partition,
                         position = from.offset,
                         stalled_s = READER_STALL.as_secs(),
-                        "a kafka reader fetched nothing though its partition holds more; replacing its client"
+                        "a kafka reader fetched nothing though its partition contains more; replacing its client"
                     );
                     let stalled = std::mem::replace(consumer, fresh);
                     *cursor = None;

@@ -249,7 +249,7 @@ pub trait EventLog: Send + Sync + 'static {
     }
 
     /// Returns how many times a reader's client was replaced because it fetched nothing while
-    /// its partition held more. The embedded log has no such clients.
+    /// its partition contained more. The embedded log has no such clients.
     fn readers_replaced(&self) -> u64 {
         0
     }
